@@ -1,0 +1,93 @@
+"""Argument validation shared by the public entry points.
+
+Checks run at entry points only (constructors, ``sample``, ``log_likelihood``): a value
+check that forces a host sync on every solver step would cost more than the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise a ValueError listing them."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {sorted(allowed)}")
+    return value
+
+
+def check_positive(name: str, value: float) -> float:
+    """Raise ValueError unless ``value`` is a finite number > 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """Raise unless ``value`` is an int >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_open_interval(name: str, value: float, low: float, high: float) -> float:
+    """Raise ValueError unless ``low < value < high``."""
+    if not isinstance(value, (int, float)) or not (low < value < high):
+        raise ValueError(f"{name} must lie in the open interval ({low}, {high}), got {value!r}")
+    return float(value)
+
+
+def check_tensor(name: str, value: Any, min_dim: int = 1) -> Tensor:
+    """Raise TypeError unless ``value`` is a floating-point tensor with >= ``min_dim`` dims."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims (batch first), got shape {tuple(value.shape)}")
+    return value
+
+
+def as_time(t: float | Tensor, like: Tensor, T: float, *, batch: int | None = None) -> Tensor:
+    """Turn ``t`` (a float, a 0-d tensor or a (B,) tensor) into a (B,) tensor like ``like``.
+
+    ``batch`` defaults to ``like.shape[0]``. A range check against [0, T] runs when it
+    costs no device sync (Python floats and CPU tensors).
+
+    Raises:
+        ValueError: ``t`` has the wrong shape or lies outside [0, T].
+    """
+    if batch is None:
+        batch = like.shape[0] if like.dim() > 0 else 1
+    if isinstance(t, Tensor):
+        if t.dim() == 0:
+            t = t.reshape(1).expand(batch)
+        elif t.dim() != 1 or t.shape[0] not in (1, batch):
+            raise ValueError(f"t must be a float or a tensor of shape ({batch},), got shape {tuple(t.shape)}")
+        elif t.shape[0] == 1 and batch != 1:
+            t = t.expand(batch)
+        t = t.to(device=like.device, dtype=like.dtype if like.is_floating_point() else t.dtype)
+        if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() > T * (1 + 1e-6)):
+            raise ValueError(f"t must lie in [0, {T}], got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
+        return t
+    if not isinstance(t, (int, float)) or isinstance(t, bool):
+        raise TypeError(f"t must be a float or a Tensor, got {type(t).__name__}")
+    if not (0.0 <= t <= T * (1 + 1e-6)):
+        raise ValueError(f"t must lie in [0, {T}], got {t}")
+    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+    return torch.full((batch,), float(t), device=like.device, dtype=dtype)
+
+
+def bcast(v: Tensor, x: Tensor) -> Tensor:
+    """View a (B,) tensor so that it broadcasts against a batch-first ``x``."""
+    return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))

@@ -1,0 +1,208 @@
+"""Exact Gaussian-mixture oracle: the score and density of every diffused marginal.
+
+Under any of the SDEs, a component N(mu_k, Sigma_k) of p_0 becomes
+N(alpha(t) mu_k, alpha(t)^2 Sigma_k + sigma(t)^2 I) in p_t. With Sigma_k = U_k diag(l_k) U_k^T
+computed once, the diffused covariance is U_k diag(alpha^2 l_k + sigma^2) U_k^T, so the
+inverse and log-determinant at any t cost O(D) per component after one O(D^2) rotation.
+This gives the exact log p_t and score with no training: the ground truth that samplers,
+likelihoods, guidance and benchmarks are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._checks import as_time, check_int, check_tensor
+from .sdes import SDE
+
+__all__ = ["GaussianMixture"]
+
+
+class GaussianMixture:
+    """A mixture of K Gaussians in D dimensions, sum_k w_k N(mu_k, Sigma_k).
+
+    Args:
+        means: (K, D) component means.
+        covs: (K, D, D) symmetric positive-definite covariances; or None with ``stds``.
+        stds: per-component standard deviations instead of ``covs``: (K,) isotropic or
+            (K, D) diagonal. Diagonal mixtures never build a D x D matrix (D = 3072 is fine).
+        weights: (K,) positive weights summing to one; uniform if None.
+
+    Raises:
+        ValueError: shapes disagree, a covariance is not positive definite, a std is not
+            positive, or the weights are not positive or do not sum to one.
+    """
+
+    def __init__(
+        self,
+        means: Tensor,
+        covs: Tensor | None = None,
+        *,
+        stds: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> None:
+        means = check_tensor("means", torch.as_tensor(means), 2)
+        if means.dim() != 2:
+            raise ValueError(f"means must have shape (K, D), got {tuple(means.shape)}")
+        K, D = means.shape
+        dtype, device = means.dtype, means.device
+        if (covs is None) == (stds is None):
+            raise ValueError("give exactly one of covs (K, D, D) and stds ((K,) or (K, D))")
+        if covs is not None:
+            covs = torch.as_tensor(covs, dtype=dtype, device=device)
+            if covs.shape != (K, D, D):
+                raise ValueError(f"covs must have shape (K, D, D) = ({K}, {D}, {D}), got {tuple(covs.shape)}")
+            if not torch.allclose(covs, covs.transpose(-1, -2), atol=1e-6 * covs.abs().max().item()):
+                raise ValueError("covs must be symmetric")
+            evals, evecs = torch.linalg.eigh(covs)
+            if (evals <= 0).any():
+                raise ValueError(f"covs must be positive definite; smallest eigenvalue {evals.min().item():.3g}")
+            self.eigvals, self.eigvecs = evals, evecs  # (K, D), (K, D, D)
+        else:
+            stds = torch.as_tensor(stds, dtype=dtype, device=device)
+            if stds.dim() == 0:
+                stds = stds.expand(K)
+            if stds.shape == (K,):
+                stds = stds[:, None].expand(K, D)
+            if stds.shape != (K, D):
+                raise ValueError(f"stds must be a float, (K,) = ({K},) or (K, D) = ({K}, {D}); got {tuple(stds.shape)}")
+            if (stds <= 0).any():
+                raise ValueError("stds must be positive")
+            self.eigvals, self.eigvecs = stds.pow(2).contiguous(), None  # diagonal: no rotation
+        if weights is None:
+            weights = torch.full((K,), 1.0 / K, dtype=dtype, device=device)
+        weights = torch.as_tensor(weights, dtype=dtype, device=device)
+        if weights.shape != (K,):
+            raise ValueError(f"weights must have shape (K,) = ({K},), got {tuple(weights.shape)}")
+        if (weights <= 0).any() or abs(weights.sum().item() - 1.0) > 1e-5:
+            raise ValueError(f"weights must be positive and sum to one, got sum {weights.sum().item():.6g}")
+        self.means, self.weights = means, weights
+        self.K, self.D = K, D
+
+    # -- construction helpers ------------------------------------------------------------
+    @property
+    def is_diagonal(self) -> bool:
+        return self.eigvecs is None
+
+    @property
+    def covs(self) -> Tensor:
+        """(K, D, D) covariances (built on demand for diagonal mixtures)."""
+        if self.eigvecs is None:
+            return torch.diag_embed(self.eigvals)
+        return self.eigvecs @ torch.diag_embed(self.eigvals) @ self.eigvecs.transpose(-1, -2)
+
+    def _replace(self, means: Tensor, eigvals: Tensor, weights: Tensor | None = None) -> GaussianMixture:
+        new = object.__new__(GaussianMixture)
+        new.means, new.eigvals, new.eigvecs = means, eigvals, self.eigvecs
+        new.weights = self.weights if weights is None else weights
+        new.K, new.D = means.shape
+        return new
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GaussianMixture:
+        """A copy with every parameter moved to ``device`` / cast to ``dtype``."""
+        new = self._replace(self.means.to(device, dtype), self.eigvals.to(device, dtype), self.weights.to(device, dtype))
+        new.eigvecs = None if self.eigvecs is None else self.eigvecs.to(device, dtype)
+        return new
+
+    def component(self, k: int) -> GaussianMixture:
+        """The k-th component alone, as a one-component mixture."""
+        if not 0 <= k < self.K:
+            raise ValueError(f"k must be in [0, {self.K - 1}], got {k}")
+        new = self._replace(self.means[k : k + 1], self.eigvals[k : k + 1], torch.ones_like(self.weights[:1]))
+        new.eigvecs = None if self.eigvecs is None else self.eigvecs[k : k + 1]
+        return new
+
+    def marginal(self, sde: SDE, t: float) -> GaussianMixture:
+        """p_t under ``sde`` as a mixture: means alpha mu_k, covs alpha^2 Sigma_k + sigma^2 I."""
+        tt = as_time(float(t), self.means, sde.T, batch=1)
+        a, s = sde.alpha(tt)[0], sde.sigma(tt)[0]
+        return self._replace(a * self.means, a**2 * self.eigvals + s**2)
+
+    # -- sampling and densities ------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | None = None, *, return_labels: bool = False):
+        """Draw ``n`` samples (n, D); with ``return_labels`` also their components (n,)."""
+        check_int("n", n, 1)
+        dev, dt = self.means.device, self.means.dtype
+        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.D, generator=generator, device=dev, dtype=dt) * self.eigvals[labels].sqrt()
+        if self.eigvecs is not None:
+            z = torch.einsum("nij,nj->ni", self.eigvecs[labels], z)
+        x = self.means[labels] + z
+        return (x, labels) if return_labels else x
+
+    def _terms(self, x: Tensor, a: Tensor, s2: Tensor, want_score: bool) -> tuple[Tensor, Tensor | None]:
+        """Per-component log densities (B, K) and, if asked, score terms (B, K, D)."""
+        means, lam = self.means.to(x), self.eigvals.to(x)
+        U = None if self.eigvecs is None else self.eigvecs.to(x)
+        var = a[:, None, None] ** 2 * lam[None] + s2[:, None, None]  # (B, K, D) eigenvalues of C_k(t)
+        diff = x[:, None, :] - a[:, None, None] * means[None]  # (B, K, D)
+        rot = diff if U is None else torch.einsum("kji,bkj->bki", U, diff)  # U_k^T diff
+        maha = (rot.pow(2) / var).sum(-1)
+        logdet = torch.log(var).sum(-1)
+        logn = -0.5 * (maha + logdet + self.D * math.log(2 * math.pi))
+        if not want_score:
+            return logn, None
+        g = -rot / var
+        g = g if U is None else torch.einsum("kij,bkj->bki", U, g)
+        return logn, g
+
+    def _flat(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, 2)
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.D:
+            raise ValueError(f"x must have {self.D} features per sample, got shape {tuple(x.shape)}")
+        return flat
+
+    def _at(self, x: Tensor, sde: SDE | None, t: float | Tensor | None) -> tuple[Tensor, Tensor]:
+        if sde is None:
+            one = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+            return one, torch.zeros_like(one)
+        tt = as_time(0.0 if t is None else t, x, sde.T)
+        return sde.alpha(tt), sde.sigma(tt) ** 2
+
+    def component_log_prob(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
+        """log w_k + log N_k(x) of each component of p_t (p_0 without ``sde``), shape (B, K)."""
+        flat = self._flat(x)
+        logn, _ = self._terms(flat, *self._at(flat, sde, t), want_score=False)
+        return logn + torch.log(self.weights.to(x))
+
+    def log_prob(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
+        """log p_t(x), shape (B,); log p_0(x) when ``sde`` is None."""
+        return torch.logsumexp(self.component_log_prob(x, sde, t), dim=1)
+
+    def posterior(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
+        """p_t(component = k | x_t), shape (B, K): the exact noisy classifier."""
+        return torch.softmax(self.component_log_prob(x, sde, t), dim=1)
+
+    def score(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
+        """grad_x log p_t(x), shaped like x."""
+        flat = self._flat(x)
+        logn, g = self._terms(flat, *self._at(flat, sde, t), want_score=True)
+        r = torch.softmax(logn + torch.log(self.weights.to(x)), dim=1)
+        return torch.einsum("bk,bkd->bd", r, g).reshape(x.shape)
+
+    def score_fn(self, sde: SDE) -> Callable[[Tensor, Tensor], Tensor]:
+        """The exact score of the diffused marginal, as a ``score_fn(x, t)``."""
+
+        def score_fn(x: Tensor, t: Tensor) -> Tensor:
+            return self.score(x, sde, t)
+
+        return score_fn
+
+    def mean(self) -> Tensor:
+        """Mixture mean (D,)."""
+        return self.weights @ self.means
+
+    def covariance(self) -> Tensor:
+        """Mixture covariance (D, D): sum_k w_k (Sigma_k + mu_k mu_k^T) - mu mu^T."""
+        mu = self.mean()
+        second = torch.einsum("k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None, :])
+        return second - torch.outer(mu, mu)
+
+    def __repr__(self) -> str:
+        kind = "diagonal" if self.is_diagonal else "full"
+        return f"GaussianMixture(K={self.K}, D={self.D}, {kind} covariances, dtype={self.means.dtype})"

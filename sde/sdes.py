@@ -1,0 +1,351 @@
+"""Forward SDEs of Song et al. 2021, "Score-Based Generative Modeling through SDEs".
+
+Each SDE ``dx = f(x, t) dt + g(t) dw`` has a Gaussian perturbation kernel
+``p_0t(x_t | x_0) = N(alpha(t) x_0, sigma(t)^2 I)``. ``alpha``, ``sigma`` and ``log_snr``
+(= 2 log(alpha / sigma)) are closed form, and so is the inverse of ``log_snr``; the fast
+solvers (DDIM, DPM-Solver) work in that log-SNR time.
+
+Deviations from score_sde_pytorch, on purpose (docs/math.md):
+- VE: the marginal std is the exact ``sqrt(sigma_min^2 (r^2t - 1))``, r = sigma_max/sigma_min,
+  of the SDE started at x_0 (the reference uses ``sigma_min r^t``, i.e. assumes x_0
+  already carries sigma_min noise).
+- VP cosine: the cosine schedule of Nichol & Dhariwal 2021 with t in [0, 1] mapped onto
+  [0, 0.9946] of their time, so beta(T) stays finite (as in DPM-Solver).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._checks import as_time, bcast, check_choice, check_int, check_positive
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "ScoreFn"]
+
+
+class SDE(abc.ABC):
+    """A forward SDE with a Gaussian perturbation kernel.
+
+    Subclasses implement ``drift``, ``diffusion``, ``alpha``, ``sigma``, ``t_from_log_snr``
+    and ``prior_std``; everything else follows from those.
+    """
+
+    T: float = 1.0  # end time of the forward process
+    N: int = 1000  # default number of discretization steps (DDPM / SMLD)
+
+    def __init__(self, N: int = 1000) -> None:
+        self.N = check_int("N", N, 1)
+
+    # -- to be implemented -------------------------------------------------------------
+    @abc.abstractmethod
+    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """f(x, t), shaped like x."""
+
+    @abc.abstractmethod
+    def diffusion(self, t: float | Tensor) -> Tensor:
+        """g(t), shape (B,)."""
+
+    @abc.abstractmethod
+    def alpha(self, t: float | Tensor) -> Tensor:
+        """Mean scale of the perturbation kernel: E[x_t | x_0] = alpha(t) x_0."""
+
+    @abc.abstractmethod
+    def sigma(self, t: float | Tensor) -> Tensor:
+        """Std of the perturbation kernel."""
+
+    @abc.abstractmethod
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        """Inverse of ``log_snr``: the time at which 2 log(alpha/sigma) equals ``log_snr``."""
+
+    @property
+    @abc.abstractmethod
+    def prior_std(self) -> float:
+        """Std of the Gaussian prior p_T used for sampling and likelihoods."""
+
+    # -- derived -----------------------------------------------------------------------
+    def log_snr(self, t: float | Tensor) -> Tensor:
+        """lambda(t) = 2 log(alpha(t) / sigma(t)), decreasing in t."""
+        return 2.0 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    def marginal_prob(self, x0: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """Mean (like x0) and std (B,) of p_0t(x_t | x_0).
+
+        Raises:
+            ValueError: t has the wrong shape or lies outside [0, T].
+        """
+        t = as_time(t, x0, self.T)
+        return bcast(self.alpha(t), x0) * x0, self.sigma(t)
+
+    def perturb(self, x0: Tensor, t: float | Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw x_t ~ p_0t(. | x0); returns (x_t, the standard normal noise used)."""
+        mean, std = self.marginal_prob(x0, t)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return mean + bcast(std, x0) * noise, noise
+
+    def prior_sampling(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Draw from the prior N(0, prior_std^2 I)."""
+        z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return z * self.prior_std
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """log N(z; 0, prior_std^2 I) summed over all but the batch dim, shape (B,)."""
+        d = z[0].numel()
+        s2 = self.prior_std**2
+        sq = z.flatten(1).pow(2).sum(1)
+        return -0.5 * d * math.log(2 * math.pi * s2) - 0.5 * sq / s2
+
+    def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
+        """One step of the discrete forward chain: x_{i+1} = x_i + f_i + G_i z.
+
+        The default is Euler-Maruyama: f_i = f(x, t) dt, G_i = g(t) sqrt(dt).
+        ``dt`` defaults to T / N.
+        """
+        dt = self.T / self.N if dt is None else dt
+        t = as_time(t, x, self.T)
+        return self.drift(x, t) * dt, self.diffusion(t) * math.sqrt(dt)
+
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
+        """The reverse-time SDE (Anderson 1982), or the probability-flow ODE if asked."""
+        return ReverseSDE(self, score_fn, probability_flow)
+
+    # -- helpers for subclasses --------------------------------------------------------
+    def _t(self, t: float | Tensor, like: Tensor | None = None) -> Tensor:
+        if isinstance(t, Tensor):
+            return t if like is None else as_time(t, like, self.T)
+        ref = like if like is not None else torch.empty(1, dtype=torch.get_default_dtype())
+        return as_time(t, ref, self.T, batch=ref.shape[0] if like is not None else 1)
+
+
+class ReverseSDE:
+    """Reverse-time SDE ``dx = [f - g^2 score] dt + g dw_bar`` (or the PF-ODE, half the
+    score term and no noise). Time still runs from T down to 0; a step of size dt > 0
+    moves x from t to t - dt as ``x - drift * dt + diffusion * sqrt(dt) z``."""
+
+    def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False) -> None:
+        self.sde = sde
+        self.score_fn = score_fn
+        self.probability_flow = probability_flow
+        self.T = sde.T
+
+    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
+        t = as_time(t, x, self.T)
+        g2 = bcast(self.sde.diffusion(t) ** 2, x)
+        coef = 0.5 if self.probability_flow else 1.0
+        return self.sde.drift(x, t) - coef * g2 * self.score_fn(x, t)
+
+    def diffusion(self, t: float | Tensor) -> Tensor:
+        g = self.sde.diffusion(t)
+        return torch.zeros_like(g) if self.probability_flow else g
+
+    def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
+        """Reverse of the forward chain's step (Song et al. 2021, eq. 46): f - G^2 score."""
+        t = as_time(t, x, self.T)
+        f, G = self.sde.discretize(x, t, dt)
+        coef = 0.5 if self.probability_flow else 1.0
+        rev_f = f - coef * bcast(G**2, x) * self.score_fn(x, t)
+        return rev_f, torch.zeros_like(G) if self.probability_flow else G
+
+
+class VPSDE(SDE):
+    """Variance-preserving SDE: dx = -beta(t)/2 x dt + sqrt(beta(t)) dw (DDPM in the limit).
+
+    Args:
+        beta_min: beta(0) of the linear schedule.
+        beta_max: beta(1) of the linear schedule.
+        schedule: "linear" (Song et al. 2021) or "cosine" (Nichol & Dhariwal 2021).
+        N: number of steps of the discrete DDPM chain used by ``discretize``.
+
+    Raises:
+        ValueError: unknown schedule, or not 0 < beta_min < beta_max.
+    """
+
+    COSINE_S = 0.008  # offset of the cosine schedule (Nichol & Dhariwal 2021)
+    COSINE_T_MAX = 0.9946  # cosine time reached at t = T, keeps beta(T) finite
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, schedule: str = "linear", N: int = 1000) -> None:
+        super().__init__(N)
+        self.schedule = check_choice("schedule", schedule, ("linear", "cosine"))
+        self.beta_min = check_positive("beta_min", beta_min)
+        self.beta_max = check_positive("beta_max", beta_max)
+        if schedule == "linear" and not beta_min < beta_max:
+            raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        s = self.COSINE_S
+        self._cos_f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max}, schedule={self.schedule!r}, N={self.N})"
+
+    def _angle(self, t: Tensor) -> Tensor:
+        s = self.COSINE_S
+        return (t * self.COSINE_T_MAX + s) / (1 + s) * (math.pi / 2)
+
+    def beta(self, t: float | Tensor) -> Tensor:
+        """beta(t) = -d/dt log alpha(t)^2."""
+        t = self._t(t)
+        if self.schedule == "cosine":
+            return self.COSINE_T_MAX * math.pi / (1 + self.COSINE_S) * torch.tan(self._angle(t))
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t: float | Tensor) -> Tensor:
+        """log alpha(t) = -1/2 int_0^t beta(s) ds."""
+        t = self._t(t)
+        if self.schedule == "cosine":
+            return torch.log(torch.cos(self._angle(t))) - 0.5 * math.log(self._cos_f0)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        if self.schedule == "cosine":
+            s = self.COSINE_S
+            cos = torch.exp(log_alpha + 0.5 * math.log(self._cos_f0))
+            return (torch.arccos(cos) * (2 * (1 + s) / math.pi) - s) / self.COSINE_T_MAX
+        # Root of 1/4 (bmax - bmin) t^2 + 1/2 bmin t + log_alpha = 0, in the form that
+        # does not cancel when beta_max - beta_min is small.
+        c = -2.0 * log_alpha
+        return 2.0 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * (self.beta_max - self.beta_min) * c))
+
+    def alpha(self, t: float | Tensor) -> Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def log_snr(self, t: float | Tensor) -> Tensor:
+        la2 = 2.0 * self.log_alpha(t)
+        return la2 - torch.log(-torch.expm1(la2))
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        # alpha^2 = sigmoid(lambda)  =>  log alpha = -softplus(-lambda) / 2
+        return self._t_from_log_alpha(-0.5 * torch.nn.functional.softplus(-log_snr))
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
+        t = as_time(t, x, self.T)
+        return -0.5 * bcast(self.beta(t), x) * x
+
+    def diffusion(self, t: float | Tensor) -> Tensor:
+        return torch.sqrt(self.beta(t))
+
+    def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
+        """DDPM step (Ho et al. 2020): beta_i = beta(t) dt, f = (sqrt(1 - beta_i) - 1) x,
+        G = sqrt(beta_i). With dt = 1/N at t_i = i/(N-1) this is DDPM's linear beta list."""
+        dt = self.T / self.N if dt is None else dt
+        t = as_time(t, x, self.T)
+        beta_i = self.beta(t) * dt
+        return bcast(torch.sqrt(1.0 - beta_i) - 1.0, x) * x, torch.sqrt(beta_i)
+
+
+class SubVPSDE(VPSDE):
+    """Sub-VP SDE: dx = -beta/2 x dt + sqrt(beta (1 - e^{-2 int beta})) dw.
+
+    Its marginal std is 1 - alpha^2, always below the VP one (Song et al. 2021, eq. 29);
+    the prior is N(0, I). Linear schedule only.
+
+    Raises:
+        ValueError: not 0 < beta_min < beta_max.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000) -> None:
+        super().__init__(beta_min, beta_max, "linear", N)
+
+    def __repr__(self) -> str:
+        return f"SubVPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, N={self.N})"
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        return -torch.expm1(2.0 * self.log_alpha(t))
+
+    def log_snr(self, t: float | Tensor) -> Tensor:
+        la2 = 2.0 * self.log_alpha(t)
+        return la2 - 2.0 * torch.log(-torch.expm1(la2))
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        # u = alpha^2 solves e^lam (1 - u)^2 = u; the root in (0, 1), without cancellation:
+        e = torch.exp(log_snr)
+        u = 2.0 * e / (2.0 * e + 1.0 + torch.sqrt(4.0 * e + 1.0))
+        return self._t_from_log_alpha(0.5 * torch.log(u))
+
+    def diffusion(self, t: float | Tensor) -> Tensor:
+        discount = -torch.expm1(4.0 * self.log_alpha(t))  # 1 - exp(-2 int_0^t beta)
+        return torch.sqrt(self.beta(t) * discount)
+
+    def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
+        """Euler-Maruyama step (sub-VP has no classical discrete chain)."""
+        return SDE.discretize(self, x, t, dt)
+
+
+class VESDE(SDE):
+    """Variance-exploding SDE: dx = sqrt(d sigma_ve(t)^2 / dt) dw, sigma_ve(t) = sigma_min r^t,
+    r = sigma_max / sigma_min (SMLD / NCSN in the limit).
+
+    Args:
+        sigma_min: noise scale at t = 0.
+        sigma_max: noise scale at t = T; the prior is N(0, sigma_max^2 I).
+        N: number of noise levels of the discrete SMLD chain used by ``discretize``.
+
+    Raises:
+        ValueError: not 0 < sigma_min < sigma_max.
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000) -> None:
+        super().__init__(N)
+        self.sigma_min = check_positive("sigma_min", sigma_min)
+        self.sigma_max = check_positive("sigma_max", sigma_max)
+        if not sigma_min < sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self._log_ratio = math.log(sigma_max / sigma_min)
+
+    def __repr__(self) -> str:
+        return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, N={self.N})"
+
+    def noise_scale(self, t: float | Tensor) -> Tensor:
+        """sigma_ve(t) = sigma_min (sigma_max / sigma_min)^t: the SMLD noise level."""
+        return self.sigma_min * torch.exp(self._t(t) * self._log_ratio)
+
+    def alpha(self, t: float | Tensor) -> Tensor:
+        return torch.ones_like(self._t(t))
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        # Var = sigma_ve(t)^2 - sigma_ve(0)^2 = sigma_min^2 expm1(2 t log r)
+        return self.sigma_min * torch.sqrt(torch.expm1(2.0 * self._t(t) * self._log_ratio))
+
+    def log_snr(self, t: float | Tensor) -> Tensor:
+        return -2.0 * torch.log(self.sigma(t))
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        var = torch.exp(-log_snr)
+        return 0.5 * torch.log1p(var / self.sigma_min**2) / self._log_ratio
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
+        as_time(t, x, self.T)
+        return torch.zeros_like(x)
+
+    def diffusion(self, t: float | Tensor) -> Tensor:
+        return self.noise_scale(t) * math.sqrt(2.0 * self._log_ratio)
+
+    def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
+        """SMLD step (Song & Ermon 2019): G = sqrt(var(t) - var(t - dt)), f = 0. With
+        dt = 1/(N-1) at t_i = i/(N-1) this is the geometric sigma list of NCSN."""
+        dt = self.T / self.N if dt is None else dt
+        t = as_time(t, x, self.T)
+        var_now = self.sigma(t) ** 2
+        var_prev = self.sigma(torch.clamp(t - dt, min=0.0)) ** 2
+        return torch.zeros_like(x), torch.sqrt(var_now - var_prev)
