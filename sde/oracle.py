@@ -104,7 +104,9 @@ class GaussianMixture:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GaussianMixture:
         """A copy with every parameter moved to ``device`` / cast to ``dtype``."""
-        new = self._replace(self.means.to(device, dtype), self.eigvals.to(device, dtype), self.weights.to(device, dtype))
+        new = self._replace(
+            self.means.to(device, dtype), self.eigvals.to(device, dtype), self.weights.to(device, dtype)
+        )
         new.eigvecs = None if self.eigvecs is None else self.eigvecs.to(device, dtype)
         return new
 

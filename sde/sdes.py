@@ -82,7 +82,9 @@ class SDE(abc.ABC):
         t = as_time(t, x0, self.T)
         return bcast(self.alpha(t), x0) * x0, self.sigma(t)
 
-    def perturb(self, x0: Tensor, t: float | Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def perturb(
+        self, x0: Tensor, t: float | Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Draw x_t ~ p_0t(. | x0); returns (x_t, the standard normal noise used)."""
         mean, std = self.marginal_prob(x0, t)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -186,7 +188,8 @@ class VPSDE(SDE):
         self._cos_f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max}, schedule={self.schedule!r}, N={self.N})"
+        name = type(self).__name__
+        return f"{name}(beta_min={self.beta_min}, beta_max={self.beta_max}, schedule={self.schedule!r}, N={self.N})"
 
     def _angle(self, t: Tensor) -> Tensor:
         s = self.COSINE_S
