@@ -1,0 +1,46 @@
+"""Drawing samples through sde.samplers with the ``sampler`` config node, recording a strip."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+__all__ = ["draw"]
+
+
+def draw(score_fn, sde, sampler_cfg: DictConfig, shape: tuple[int, ...], *, generator: torch.Generator,
+         device: torch.device, dtype: torch.dtype, batch_size: int | None = None, strip_frames: int = 0,
+         strip_samples: int = 8):
+    """Sample ``shape`` with the configured sampler.
+
+    Returns:
+        (x, nfe, strip): samples, score evaluations spent, and for ``strip_frames > 0`` a list of
+        (B', C, H, W)-like tensors alternating x_t and x0_hat rows at evenly spaced steps
+        (from the sampler callback), for :func:`plots.save_strip`.
+    """
+    from sde.samplers import sample
+
+    options = OmegaConf.to_container(sampler_cfg.options, resolve=True) if sampler_cfg.get("options") else {}
+    record: list[tuple[int, Tensor, Tensor]] = []
+
+    def callback(info: dict) -> None:
+        x0 = info.get("x0_hat")
+        if callable(x0):
+            x0 = x0()
+        x0 = info["x"] if x0 is None else x0
+        record.append((int(info["i"]), info["x"][:strip_samples].detach().clone(), x0[:strip_samples].detach().clone()))
+
+    x_T = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+    with torch.no_grad():  # samplers only evaluate the score; no gradients through the model
+        res = sample(score_fn, sde, x_T, sampler=sampler_cfg.name, generator=generator,
+                     callback=callback if strip_frames > 0 else None, batch_size=batch_size, **options)
+    strip: list[Tensor] = []
+    if strip_frames > 0 and record:
+        picks = torch.linspace(0, len(record) - 1, min(strip_frames, len(record))).round().long().tolist()
+        xs = [record[p][1] for p in picks] + [res.x[:strip_samples]]
+        x0s = [record[p][2] for p in picks] + [res.x[:strip_samples]]
+        # Rows: sample j's x_t trajectory, then its x0_hat trajectory just below.
+        strip = [torch.stack([a, b], 1).flatten(0, 1) for a, b in zip(xs, x0s)]
+    return res.x, int(res.nfe), strip
+

@@ -1,0 +1,225 @@
+"""Sampler benchmarks against the exact oracle; prints Markdown tables.
+
+    python experiments/bench_samplers.py            # all three tables, a few minutes on 2 cores
+    python experiments/bench_samplers.py --only kl3072
+
+Tables:
+  quality  - KL of the deterministic samplers on Gaussian data (exact, from the affine map) and
+             energy distance of every sampler on a 2-D mixture, versus NFE.
+  kl3072   - the issue's target: diagonal Gaussian data in 3072 dims, VP SDE, exact score,
+             20 NFE: exact KL(output || data) of each deterministic solver.
+  overhead - per-step sampler time beyond the network's own forward, on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from sde import VESDE, VPSDE, GaussianMixture, SubVPSDE
+from sde.samplers import sample
+
+F64 = torch.float64
+
+
+def diag_gaussian(dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-like spectrum: means in [-0.5, 0.5], stds log-uniform in [0.02, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.rand(dim, generator=g, dtype=F64) - 0.5
+    std = torch.exp(torch.empty(dim, dtype=F64).uniform_(math.log(0.02), 0.0, generator=g))
+    return mu, std
+
+
+def exact_kl(sde, mu, std, name, **opts) -> tuple[float, int]:
+    """KL(output || data) of a deterministic sampler, from its diagonal affine map x = b + a x_T."""
+    gm = GaussianMixture(mu[None], stds=std[None])
+    probes = torch.stack([torch.zeros_like(mu), torch.ones_like(mu)])
+    res = sample(gm.score_fn(sde), sde, probes, name, **opts)
+    b, a = res.x[0], res.x[1] - res.x[0]
+    var = (a * sde.prior_std) ** 2
+    r = var / std**2
+    kl = 0.5 * (r + (b - mu) ** 2 / std**2 - 1.0 - torch.log(r)).sum()
+    return float(kl), res.nfe
+
+
+def energy_distance(x, y) -> float:
+    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+
+DETERMINISTIC = {  # label -> (sampler, options given the NFE budget n)
+    "ddim (uniform t)": lambda n: ("ddim", dict(steps=n - 1)),
+    "heun (edm grid)": lambda n: ("heun", dict(steps=(n - 1) // 2)),
+    "dpm_solver-2 singlestep noise": lambda n: ("dpm_solver", dict(steps=n // 2, order=2, method="singlestep",
+                                                                   prediction="noise", denoise_final=False)),
+    "dpm_solver-3 singlestep noise": lambda n: ("dpm_solver", dict(steps=n // 3, order=3, method="singlestep",
+                                                                   prediction="noise", denoise_final=False)),
+    "dpm_solver++ 2M (log_snr)": lambda n: ("dpm_solver", dict(steps=n - 1, order=2)),
+    "dpm_solver++ 3M (log_snr)": lambda n: ("dpm_solver", dict(steps=n - 2, order=3)),
+    "ode rk4 (log_snr)": lambda n: ("ode", dict(method="rk4", steps=max(n // 4, 1), grid="log_snr")),
+}
+
+
+def table_quality(args) -> None:
+    sde = VPSDE()
+    mu, std = diag_gaussian(64)
+    budgets = (10, 20, 50, 100)
+    print("\n### Exact KL(output || data) in nats, 64-D diagonal Gaussian, VP, exact score\n")
+    print("| sampler | " + " | ".join(f"NFE~{n}" for n in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for label, make in DETERMINISTIC.items():
+        cells = []
+        for n in budgets:
+            name, opts = make(n)
+            kl, nfe = exact_kl(sde, mu, std, name, **opts)
+            cells.append(f"{kl:.3g} ({nfe})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    kl, nfe = exact_kl(sde, mu, std, "ode", rtol=1e-5, atol=1e-5)
+    print(f"| ode dopri5 rtol=atol=1e-5 | {kl:.3g} ({nfe}) adaptive | | | |")
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.0, 1.5]], dtype=F64)
+    stds, weights = torch.tensor([0.2, 0.3, 0.15], dtype=F64), torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+    gm = GaussianMixture(means, stds=stds, weights=weights)
+    n = args.n
+    data = gm.sample(n, g)
+    floor = energy_distance(gm.sample(n, g), data)
+    stoch_budgets = (20, 50, 200)
+    print(f"\n### Energy distance to {n} data samples, 2-D 3-component mixture, exact score "
+          f"(two data sets of this size: {floor:.4f})\n")
+    print("| SDE | sampler | " + " | ".join(f"NFE~{b}" for b in stoch_budgets) + " |")
+    print("|---|---|" + "---|" * len(stoch_budgets))
+    samplers = {
+        "euler_maruyama": lambda b: dict(steps=b - 1),
+        "reverse_diffusion": lambda b: dict(steps=b - 1),
+        "ancestral": lambda b: dict(steps=b - 1),
+        "pc (EM + langevin snr=0.1)": lambda b: dict(steps=(b - 1) // 2, predictor="euler_maruyama", snr=0.1),
+        "ddim": lambda b: dict(steps=b - 1),
+        "heun": lambda b: dict(steps=(b - 1) // 2),
+        "dpm_solver++ 3M": lambda b: dict(steps=b - 2, order=3),
+    }
+    for sde_name, sde in (("VP", VPSDE()), ("subVP", SubVPSDE()), ("VE", VESDE(sigma_max=10.0))):
+        for label, make in samplers.items():
+            name = label.split(" ")[0]
+            cells = []
+            for b in stoch_budgets:
+                try:
+                    res = sample(gm.score_fn(sde), sde, (n, 2), name, generator=g, dtype=F64, **make(b))
+                    cells.append(f"{energy_distance(res.x, data):.4f}")
+                except FloatingPointError:
+                    cells.append("non-finite")
+            print(f"| {sde_name} | {label} | " + " | ".join(cells) + " |")
+
+
+def table_kl3072(args) -> None:
+    sde = VPSDE()
+    mu, std = diag_gaussian(3072)
+    print("\n### 3072-D diagonal Gaussian (stds log-uniform in [0.02, 1]), VP, exact score, 20 NFE: "
+          "exact KL(output || data) in nats\n")
+    print("| solver | grid | eps | final step | NFE | KL (nats) |")
+    print("|---|---|---|---|---|---|")
+    rows = [
+        ("ddim", "uniform", 1e-3, True, dict(steps=19)),
+        ("ddim", "log_snr", 1e-3, True, dict(steps=19)),
+        ("heun", "edm", 1e-3, True, dict(steps=9)),
+        ("heun", "edm", 1e-3, False, dict(steps=10)),
+        ("dpm_solver-2 singlestep noise", "log_snr", 1e-3, False,
+         dict(order=2, method="singlestep", prediction="noise", steps=10)),
+        ("dpm_solver-3 singlestep noise", "log_snr", 1e-3, True,
+         dict(order=3, method="singlestep", prediction="noise", steps=6)),
+        ("dpm_solver++ 2M", "log_snr", 1e-3, True, dict(order=2, steps=19)),
+        ("dpm_solver++ 3M", "log_snr", 1e-3, True, dict(order=3, steps=18)),
+        ("dpm_solver++ 3M", "log_snr", 1e-4, True, dict(order=3, steps=18)),
+        ("dpm_solver++ 3M", "edm", 1e-4, True, dict(order=3, steps=18)),
+        ("dpm_solver++ 3M", "log_snr", 1e-5, True, dict(order=3, steps=18)),
+        ("dpm_solver++ 3M", "edm", 1e-5, True, dict(order=3, steps=18)),
+        ("dpm_solver++ 3M", "log_snr", 1e-5, False, dict(order=3, steps=19)),
+    ]
+    for label, grid, eps, final, opts in rows:
+        name = "dpm_solver" if label.startswith("dpm") else label
+        kl, nfe = exact_kl(sde, mu, std, name, grid=grid, eps=eps, denoise_final=final, **opts)
+        print(f"| {label} | {grid} | {eps:g} | {'Tweedie' if final else 'none'} | {nfe} | {kl:.3g} |")
+
+
+class _StandIn(torch.nn.Module):
+    """A U-Net-sized stand-in (used only when sde.nets.UNet is unavailable): 3x3 conv residual
+    blocks at 32x32 and 16x16 with 128 channels."""
+
+    def __init__(self, ch: int = 128) -> None:
+        super().__init__()
+        self.inp = torch.nn.Conv2d(3, ch, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(ch, ch, 3, padding=1) for _ in range(8))
+        self.out = torch.nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, x, noise_label, y=None):
+        h = self.inp(x)
+        for i, blk in enumerate(self.blocks):
+            h = h + torch.nn.functional.silu(blk(h))
+            if i == 3:
+                h = torch.nn.functional.avg_pool2d(h, 2)
+            if i == 7:
+                h = torch.nn.functional.interpolate(h, scale_factor=2)
+        return self.out(h) + 0 * noise_label.reshape(-1, 1, 1, 1)
+
+
+def table_overhead(args) -> None:
+    try:
+        from sde.nets import UNet
+    except ImportError:
+        net, label = _StandIn(), "stand-in conv net (8 residual 3x3 convs, 128 ch, 32x32/16x16)"
+    else:
+        net = UNet(in_channels=3, base_channels=64, channel_mults=(1, 2, 2), attn_resolutions=(8,), image_size=32)
+        label = f"sde.nets.UNet 3x32x32, 64 base channels, {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params"
+    net.eval()
+    sde = VPSDE()
+    x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def score_fn(x, t):
+        return net(x, t)
+
+    steps = args.overhead_steps
+    with torch.no_grad():
+        net(x, torch.ones(args.batch))
+        rows = []
+        for name, opts in (("ddim", dict(steps=steps, denoise_final=False)),
+                           ("dpm_solver", dict(steps=steps, order=3, warmup="lower_order", denoise_final=False)),
+                           ("heun", dict(steps=steps // 2, denoise_final=False)),
+                           ("euler_maruyama", dict(steps=steps, denoise_final=False)),
+                           ("ode", dict(method="euler", steps=steps))):
+            best = math.inf
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                nfe = sample(score_fn, sde, x, name, generator=torch.Generator().manual_seed(0), **opts).nfe
+                t_samp = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for _ in range(nfe):
+                    net(x, torch.ones(args.batch))
+                t_net = time.perf_counter() - t0
+                best = min(best, (t_samp - t_net) / t_net)
+            rows.append((name, nfe, best))
+    print(f"\n### Sampler overhead per step vs the bare network forward ({label}, batch {args.batch}x3x32x32, "
+          f"CPU, best of {args.repeats})\n")
+    print("| sampler | NFE | overhead |")
+    print("|---|---|---|")
+    for name, nfe, over in rows:
+        print(f"| {name} | {nfe} | {100 * over:.1f}% |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["quality", "kl3072", "overhead"], default=None, help="run one table")
+    p.add_argument("--n", type=int, default=500, help="samples for the 2-D mixture table")
+    p.add_argument("--batch", type=int, default=4, help="batch of the overhead table")
+    p.add_argument("--overhead-steps", type=int, default=10, help="steps of the overhead table")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats (best is kept)")
+    args = p.parse_args()
+    tables = {"quality": table_quality, "kl3072": table_kl3072, "overhead": table_overhead}
+    for name, fn in tables.items():
+        if args.only in (None, name):
+            fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Named datasets, all held in memory as float tensors scaled to [-1, 1].
+
+``load_dataset(name, root=..., split=..., **opts)`` looks ``name`` up in ``DATASETS`` and
+returns an ``ArrayDataset``: ``.data`` (N, C, H, W) images or (N, D) vectors, ``.labels``
+(N,) long or None, and ``.shape``, ``.levels`` (quantization levels of the raw data, None
+for continuous data), ``.num_classes``. Quantized data with L levels maps k -> 2k/(L-1) - 1,
+so the bits/dim convention of sde.likelihood applies with ``levels=L``. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import os
+import pickle
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._checks import check_choice, check_int
+from .oracle import GaussianMixture
+
+__all__ = ["ArrayDataset", "load_dataset", "DATASETS", "random_hflip", "default_root", "default_gmm"]
+
+_SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def default_root() -> Path:
+    """Where on-disk datasets live unless ``root`` is given: $SCORE_SDE_DATA, else ./data."""
+    return Path(os.environ.get("SCORE_SDE_DATA", "data"))
+
+
+def random_hflip(x: Tensor, *, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image (B, C, H, W) left-right with probability p."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < p
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """An in-memory dataset; item i is ``(data[i], labels[i])``, or ``data[i]`` without labels.
+
+    Attributes:
+        data: float tensor in [-1, 1] (2-D toys: mostly within it, noise may step outside).
+        labels: (N,) long tensor or None.
+        shape: shape of one sample.
+        levels: number of quantization levels of the raw data (256, 17 for digits) or None.
+        num_classes: number of classes (0 without labels).
+        name: registry name.
+        classes: class names, where the source has them.
+        oracle: the GaussianMixture the data were drawn from ("gmm" only), else None.
+    """
+
+    def __init__(
+        self,
+        data: Tensor,
+        labels: Tensor | None = None,
+        *,
+        levels: int | None = None,
+        num_classes: int = 0,
+        name: str = "",
+        classes: list[str] | None = None,
+        oracle: GaussianMixture | None = None,
+    ) -> None:
+        if labels is not None and labels.shape != (data.shape[0],):
+            raise ValueError(f"labels must have shape ({data.shape[0]},), got {tuple(labels.shape)}")
+        self.data, self.labels = data, labels
+        self.levels, self.num_classes, self.name = levels, num_classes, name
+        self.classes, self.oracle = classes, oracle
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[1:])
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, i):
+        return self.data[i] if self.labels is None else (self.data[i], self.labels[i])
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayDataset({self.name!r}, n={len(self)}, shape={self.shape}, levels={self.levels}, "
+            f"num_classes={self.num_classes})"
+        )
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        hflip: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """One epoch of ``(x, y)`` minibatches (y None without labels); ``hflip`` flips a random
+        half of each image batch left-right (training augmentation)."""
+        check_int("batch_size", batch_size, 1)
+        if hflip and self.data.dim() != 4:
+            raise ValueError(f"hflip needs (N, C, H, W) images, dataset {self.name!r} has shape {self.shape}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        for i in range(0, stop, batch_size):
+            idx = order[i : i + batch_size].to(self.data.device)
+            x = self.data[idx]
+            if hflip:
+                x = random_hflip(x, generator=generator)
+            yield x, None if self.labels is None else self.labels[idx]
+
+
+def _quantized(raw: np.ndarray, levels: int, dtype: torch.dtype) -> Tensor:
+    """Integers 0..levels-1 -> [-1, 1]."""
+    return torch.from_numpy(np.array(raw)).to(torch.float64).mul(2.0 / (levels - 1)).sub(1.0).to(dtype)
+
+
+def _generator(generator: torch.Generator | None, seed: int | None, split: str) -> torch.Generator:
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(_SPLITS.index(split) if seed is None else seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images, targets = bunch.images.astype(np.int64), bunch.target.astype(np.int64)
+    images.flags.writeable = targets.flags.writeable = False  # shared by every call
+    return images, targets
+
+
+# -- embedded and synthetic --------------------------------------------------------------------
+def _digits(root, split: str, *, test_every: int = 5, dtype: torch.dtype = torch.float32) -> ArrayDataset:
+    """scikit-learn's 8x8 digits (1797 images, values 0..16): every ``test_every``-th image is test."""
+    check_int("test_every", test_every, 2)
+    all_images, all_targets = _digits_arrays()
+    keep = (np.arange(len(all_targets)) % test_every == test_every - 1) == (split == "test")
+    images = all_images[keep][:, None]  # (N, 1, 8, 8)
+    labels = torch.from_numpy(all_targets[keep])
+    return ArrayDataset(_quantized(images, 17, dtype), labels, levels=17, num_classes=10, name="digits")
+
+
+def _moons(root, split, *, n=10000, noise=0.05, seed=None, generator=None, dtype=torch.float32) -> ArrayDataset:
+    """Two interleaved half circles, labelled by moon, scaled so the noiseless shape spans [-1, 1]."""
+    g = _generator(generator, seed, split)
+    label = torch.randint(0, 2, (n,), generator=g)
+    angle = torch.rand(n, generator=g, dtype=torch.float64) * math.pi
+    x = torch.where(label == 0, torch.cos(angle), 1.0 - torch.cos(angle))
+    y = torch.where(label == 0, torch.sin(angle), 0.5 - torch.sin(angle))
+    pts = torch.stack([(x - 0.5) / 1.5, (y - 0.25) / 0.75], 1)  # x in [-1, 2], y in [-0.5, 1] -> [-1, 1]
+    pts = pts + noise * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return ArrayDataset(pts.to(dtype), label, num_classes=2, name="moons")
+
+
+def _swiss_roll(root, split, *, n=10000, noise=0.03, seed=None, generator=None, dtype=torch.float32) -> ArrayDataset:
+    """The 2-D swiss roll r = theta, theta in [1.5 pi, 4.5 pi], scaled by 1 / (4.5 pi) into [-1, 1]."""
+    g = _generator(generator, seed, split)
+    theta = math.pi * (1.5 + 3.0 * torch.rand(n, generator=g, dtype=torch.float64))
+    pts = torch.stack([theta * torch.cos(theta), theta * torch.sin(theta)], 1) / (4.5 * math.pi)
+    pts = pts + noise * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return ArrayDataset(pts.to(dtype), name="swiss_roll")
+
+
+def _checkerboard(root, split, *, n=10000, squares=4, seed=None, generator=None, dtype=torch.float32) -> ArrayDataset:
+    """Uniform on the black cells of a ``squares`` x ``squares`` board covering [-1, 1]^2."""
+    check_int("squares", squares, 2)
+    g = _generator(generator, seed, split)
+    cells = [(i, j) for i in range(squares) for j in range(squares) if (i + j) % 2 == 0]
+    pick = torch.tensor(cells, dtype=torch.float64)[torch.randint(0, len(cells), (n,), generator=g)]
+    pts = (pick + torch.rand(n, 2, generator=g, dtype=torch.float64)) * (2.0 / squares) - 1.0
+    return ArrayDataset(pts.to(dtype), name="checkerboard")
+
+
+def default_gmm(dtype: torch.dtype = torch.float64) -> GaussianMixture:
+    """8 equal Gaussians (std 0.1) on the circle of radius 0.7: the default "gmm" oracle."""
+    angles = torch.arange(8, dtype=dtype) * (2 * math.pi / 8)
+    means = 0.7 * torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    return GaussianMixture(means, stds=torch.full((8,), 0.1, dtype=dtype))
+
+
+def _gmm(root, split, *, n=10000, oracle=None, seed=None, generator=None, dtype=torch.float32) -> ArrayDataset:
+    """Samples of a GaussianMixture oracle (default ``default_gmm()``), labelled by component."""
+    oracle = default_gmm() if oracle is None else oracle
+    if not isinstance(oracle, GaussianMixture):
+        raise TypeError(f"oracle must be an sde.GaussianMixture, got {type(oracle).__name__}")
+    x, labels = oracle.sample(n, _generator(generator, seed, split), return_labels=True)
+    return ArrayDataset(x.to(dtype), labels, num_classes=oracle.K, name="gmm", oracle=oracle)
+
+
+# -- on disk -----------------------------------------------------------------------------------
+def _image_folder(root, split, *, image_size=None, mode=None, dtype=torch.float32) -> ArrayDataset:
+    """Every image under ``root`` (class subfolders -> labels, sorted by name; flat -> unlabelled).
+
+    ``image_size`` (int or (H, W)) resizes; otherwise all images must share one size.
+    ``mode`` is a PIL mode ("L", "RGB"); default "RGB" unless every image is grayscale.
+    ``split`` is not used: point ``root`` at a train or test folder.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image_folder: root {str(root)!r} is not a directory of images")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    folders = subdirs if subdirs else [root]
+    paths, labels = [], []
+    for k, folder in enumerate(folders):
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += found
+        labels += [k] * len(found)
+    if not paths:
+        raise FileNotFoundError(f"image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(im.copy())
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"image_folder: cannot read image {str(p)!r}: {err}") from err
+    if mode is None:
+        mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
+    arrays = []
+    for p, im in zip(paths, images):
+        im = im.convert(mode)
+        if image_size is not None:
+            h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+            im = im.resize((w, h), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        if arrays[-1].shape != arrays[0].shape:
+            raise ValueError(
+                f"image_folder: {str(p)!r} has shape {arrays[-1].shape}, not {arrays[0].shape}; "
+                "pass image_size to resize"
+            )
+    lab = torch.tensor(labels, dtype=torch.long) if subdirs else None
+    classes = [d.name for d in subdirs] if subdirs else None
+    return ArrayDataset(
+        _quantized(np.stack(arrays), 256, dtype),
+        lab,
+        levels=256,
+        num_classes=len(subdirs),
+        name="image_folder",
+        classes=classes,
+    )
+
+
+def _find(root: Path, names: list[str], where: list[Path], dataset: str) -> list[Path]:
+    """The first folder in ``where`` holding every file of ``names`` (each optionally .gz)."""
+    for folder in where:
+        found = [next((folder / c for c in (n, n + ".gz") if (folder / c).is_file()), None) for n in names]
+        if all(found):
+            return found
+    tried = ", ".join(repr(str(f)) for f in where)
+    raise FileNotFoundError(f"{dataset}: expected files {names} (optionally .gz) in one of {tried}; see docs/data.md")
+
+
+_CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cifar10(root, split, *, dtype=torch.float32) -> ArrayDataset:
+    """CIFAR-10 from the python-pickle folder ``cifar-10-batches-py`` (in ``root`` or being ``root``)."""
+    root = Path(root)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    data, labels = [], []
+    for path in _find(root, names, [root / "cifar-10-batches-py", root], "cifar10"):
+        try:
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            arr = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            lab = np.asarray(batch[b"labels"], dtype=np.int64)
+        except Exception as err:
+            raise ValueError(
+                f"cifar10: {str(path)!r} is not a CIFAR-10 python batch (a pickled dict with b'data' (N, 3072) "
+                f"uint8 and b'labels'): {err}"
+            ) from err
+        if lab.shape != (arr.shape[0],):
+            raise ValueError(f"cifar10: {str(path)!r} has {arr.shape[0]} images but {lab.shape[0]} labels")
+        data.append(arr)
+        labels.append(lab)
+    data_t = _quantized(np.concatenate(data), 256, dtype)
+    return ArrayDataset(
+        data_t,
+        torch.from_numpy(np.concatenate(labels)),
+        levels=256,
+        num_classes=10,
+        name="cifar10",
+        classes=_CIFAR_CLASSES,
+    )
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An unsigned-byte idx array (LeCun's MNIST format): magic 0x0000080<ndim>, big-endian dims."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        (magic,) = struct.unpack(">I", raw[:4])
+        if magic != 0x800 + ndim:
+            raise ValueError(f"magic number {magic:#010x}, expected {0x800 + ndim:#010x}")
+        dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+        body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if body.size != math.prod(dims):
+            raise ValueError(f"{body.size} data bytes for dims {dims}")
+    except (OSError, EOFError, struct.error, ValueError) as err:
+        raise ValueError(f"mnist: {str(path)!r} is not a {ndim}-d unsigned-byte idx file: {err}") from err
+    return body.reshape(dims)
+
+
+def _mnist(root, split, *, dtype=torch.float32) -> ArrayDataset:
+    """MNIST from the four idx files (train-/t10k-images-idx3-ubyte, -labels-idx1-ubyte, optionally .gz)."""
+    root = Path(root)
+    prefix = "train" if split == "train" else "t10k"
+    names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    img_path, lab_path = _find(root, names, [root, root / "MNIST" / "raw", root / "mnist"], "mnist")
+    images, labels = _read_idx(img_path, 3), _read_idx(lab_path, 1)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"mnist: {images.shape[0]} images in {str(img_path)!r} but {labels.shape[0]} labels")
+    return ArrayDataset(
+        _quantized(images[:, None], 256, dtype),
+        torch.from_numpy(labels.astype(np.int64)),
+        levels=256,
+        num_classes=10,
+        name="mnist",
+    )
+
+
+# name -> loader(root, split, **opts); on-disk loaders get root (default_root() if None)
+DATASETS: dict[str, Callable[..., ArrayDataset]] = {
+    "digits": _digits,
+    "moons": _moons,
+    "swiss_roll": _swiss_roll,
+    "checkerboard": _checkerboard,
+    "gmm": _gmm,
+    "image_folder": _image_folder,
+    "cifar10": _cifar10,
+    "mnist": _mnist,
+}
+_ON_DISK = {"image_folder", "cifar10", "mnist"}
+
+
+def load_dataset(name: str, *, root: str | os.PathLike | None = None, split: str = "train", **opts) -> ArrayDataset:
+    """Load the dataset registered as ``name`` (see ``DATASETS`` and docs/data.md).
+
+    Args:
+        name: one of DATASETS.
+        root: folder of on-disk datasets (default: $SCORE_SDE_DATA or ./data); ignored by the others.
+        split: "train" or "test".
+        **opts: options of that dataset (n, seed, generator, image_size, dtype, ...).
+
+    Raises:
+        ValueError: unknown name/split, or a corrupt file.
+        TypeError: an option the dataset does not take.
+        FileNotFoundError: the expected files are missing (the message lists them).
+    """
+    check_choice("name", name, DATASETS)
+    check_choice("split", split, _SPLITS)
+    if name in _ON_DISK and root is None:
+        root = default_root()
+    try:
+        return DATASETS[name](root, split, **opts)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise TypeError(f"load_dataset({name!r}): {err}; see docs/data.md for its options") from err
+        raise

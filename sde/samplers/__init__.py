@@ -1,0 +1,124 @@
+"""Samplers of score-based models: one registry, one call.
+
+```python
+result = sample(score_fn, sde, (64, 2), sampler="dpm_solver", generator=g, steps=20)
+result.x, result.nfe
+```
+Every entry of ``SAMPLERS`` has the leading signature
+``(score_fn, sde, x_T, *, generator=None, callback=None, progress=False, **options)``
+and returns a ``SampleResult``. See docs/samplers.md for the math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .._checks import check_choice, check_int, check_tensor
+from ..sdes import SDE, ScoreFn
+from ._base import Callback, SampleResult, default_eps
+from .correctors import CORRECTORS, annealed_langevin, langevin
+from .ddim import ddim
+from .dpm_solver import dpm_solver
+from .grids import GRIDS, time_grid
+from .heun import heun
+from .ode import ode
+from .pc import ancestral, euler_maruyama, pc, reverse_diffusion
+from .predictors import PREDICTORS
+
+SAMPLERS: dict[str, Callable[..., SampleResult]] = {
+    "euler_maruyama": euler_maruyama,
+    "reverse_diffusion": reverse_diffusion,
+    "ancestral": ancestral,
+    "pc": pc,
+    "ode": ode,
+    "ddim": ddim,
+    "heun": heun,
+    "dpm_solver": dpm_solver,
+}
+
+
+def sample(
+    score_fn: ScoreFn,
+    sde: SDE,
+    shape_or_x_T: tuple[int, ...] | torch.Size | Tensor,
+    sampler: str = "pc",
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **options,
+) -> SampleResult:
+    """Draw samples with the named sampler.
+
+    Args:
+        score_fn: score_fn(x, t) -> Tensor shaped like x, t of shape (B,).
+        sde: the forward SDE (VPSDE, SubVPSDE, VESDE).
+        shape_or_x_T: a shape (x_T is drawn from ``sde.prior_sampling`` with ``generator``), or
+            the starting tensor x_T itself (deterministic samplers are then deterministic).
+        sampler: a name in ``SAMPLERS``.
+        generator: source of all randomness (prior draw and sampler noise).
+        callback: callback(info) after each step, info = {"i", "t", "x", "x0_hat"}.
+        progress: show a tqdm bar.
+        batch_size: run at most this many samples at a time (each chunk's x_T is drawn just
+            before it runs); only the final samples are kept.
+        device, dtype: of the drawn x_T when a shape is given (default: torch's defaults).
+        **options: the sampler's own options (steps, eps, grid, order, ...).
+
+    Returns:
+        SampleResult(x, nfe, sampler, options); with batching nfe sums over chunks.
+
+    Raises:
+        ValueError: unknown sampler, bad shape or batch_size, or the sampler's own checks.
+        FloatingPointError: the samples came out non-finite.
+    """
+    check_choice("sampler", sampler, SAMPLERS)
+    fn = SAMPLERS[sampler]
+    if isinstance(shape_or_x_T, Tensor):
+        x_T = check_tensor("shape_or_x_T", shape_or_x_T, 1)
+        n, shape = x_T.shape[0], None
+    else:
+        shape = tuple(shape_or_x_T)
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+            raise ValueError(f"shape_or_x_T must be a tensor or a shape of positive ints, got {shape_or_x_T!r}")
+        n = shape[0]
+    chunk = n if batch_size is None else check_int("batch_size", batch_size, 1)
+    outs, nfe, result = [], 0, None
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        if shape is None:
+            x_T_chunk = x_T[start : start + size]
+        else:
+            x_T_chunk = sde.prior_sampling((size,) + shape[1:], generator=generator, device=device, dtype=dtype)
+        result = fn(score_fn, sde, x_T_chunk, generator=generator, callback=callback, progress=progress, **options)
+        outs.append(result.x)
+        nfe += result.nfe
+    x = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return SampleResult(x, nfe, result.sampler, result.options)
+
+
+__all__ = [
+    "sample",
+    "SAMPLERS",
+    "SampleResult",
+    "PREDICTORS",
+    "CORRECTORS",
+    "GRIDS",
+    "time_grid",
+    "default_eps",
+    "pc",
+    "ode",
+    "ddim",
+    "heun",
+    "dpm_solver",
+    "euler_maruyama",
+    "reverse_diffusion",
+    "ancestral",
+    "langevin",
+    "annealed_langevin",
+]

@@ -1,0 +1,127 @@
+"""Shared pieces of every sampler: the result type, an exact score-call counter, Tweedie's
+denoiser, entry-point validation, the progress bar and the single final finiteness check."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import bcast, check_int, check_open_interval, check_tensor
+from ..sdes import SDE, VESDE, ScoreFn
+
+Callback = Callable[[dict], None]
+
+DEFAULT_EPS_VP = 1e-3  # end time for VP / sub-VP (Song et al. 2021)
+DEFAULT_EPS_VE = 1e-5  # end time for VE (Song et al. 2021)
+
+
+@dataclass
+class SampleResult:
+    """What a sampler returns.
+
+    Attributes:
+        x: the samples, shaped like x_T.
+        nfe: the exact number of score evaluations (each call counts once, whatever the batch).
+        sampler: the sampler's name.
+        options: the options it ran with (after defaults were filled in).
+    """
+
+    x: Tensor
+    nfe: int
+    sampler: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class CountedScore:
+    """Wraps a score_fn and counts its calls in a Python int (no device sync)."""
+
+    def __init__(self, score_fn: ScoreFn) -> None:
+        if not callable(score_fn):
+            raise TypeError(f"score_fn must be callable score_fn(x, t), got {type(score_fn).__name__}")
+        self.score_fn = score_fn
+        self.calls = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        return self.score_fn(x, t)
+
+
+def default_eps(sde: SDE) -> float:
+    """The customary end time: 1e-5 for VE, 1e-3 otherwise."""
+    return DEFAULT_EPS_VE if isinstance(sde, VESDE) else DEFAULT_EPS_VP
+
+
+def check_common(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None) -> float:
+    """Validate the shared arguments; returns eps with its default filled in."""
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an SDE (VPSDE, SubVPSDE, VESDE), got {type(sde).__name__}")
+    check_tensor("x_T", x_T, 1)
+    if steps is not None:
+        check_int("steps", steps, 1)
+    eps = default_eps(sde) if eps is None else eps
+    return check_open_interval("eps", eps, 0.0, sde.T)
+
+
+def times(t: float, x: Tensor) -> Tensor:
+    """A (B,) time tensor on x's device and dtype."""
+    return x.new_full((x.shape[0],), t)
+
+
+def tweedie(sde: SDE, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+    """E[x_0 | x_t] = (x + sigma^2 score) / alpha (Tweedie's formula, Efron 2011)."""
+    return (x + bcast(sde.sigma(t) ** 2, x) * score) / bcast(sde.alpha(t), x)
+
+
+def denoise_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: float) -> Tensor:
+    """The optional final step: one score call and Tweedie's formula at the end time."""
+    tt = times(t, x)
+    return tweedie(sde, x, tt, score_fn(x, tt))
+
+
+def emit(callback: Callback | None, i: int, t: Tensor, x: Tensor, x0_hat: Tensor | Callable[[], Tensor]) -> None:
+    """Call ``callback`` with the step's info; ``x0_hat`` may be a thunk, built only if needed."""
+    if callback is not None:
+        callback({"i": i, "t": t, "x": x, "x0_hat": x0_hat() if callable(x0_hat) else x0_hat})
+
+
+def steps_iter(n: int, progress: bool, name: str) -> Iterable[int]:
+    """range(n), wrapped in a tqdm bar when ``progress`` is true."""
+    if not progress:
+        return range(n)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc=name, leave=False)
+
+
+def check_finite(x: Tensor, name: str, options: dict[str, Any]) -> Tensor:
+    """The one finiteness check, at the end: raises FloatingPointError naming the settings."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise FloatingPointError(
+            f"sampler {name!r} produced {bad} non-finite values with options {options}; "
+            "try more steps, a larger eps, float64, or check the score function"
+        )
+    return x
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def sigma_karras(sde: SDE, t: Tensor) -> Tensor:
+    """EDM noise level of the scaled variable x / alpha: sigma / alpha = exp(-log_snr / 2)."""
+    return torch.exp(-0.5 * sde.log_snr(t))
+
+
+def t_of_sigma_karras(sde: SDE, s: float, like: Tensor) -> float:
+    """Inverse of ``sigma_karras`` for one Python float (entry point / grid use only)."""
+    lam = torch.tensor(-2.0 * math.log(s), dtype=torch.float64)
+    return min(float(sde.t_from_log_snr(lam)), sde.T)
+
+
+__all__ = ["SampleResult", "CountedScore", "Callback"]

@@ -1,0 +1,127 @@
+"""Predictor-corrector sampling (Song et al. 2021, Alg. 1): on a time grid T = t_0 > ... > t_N = eps,
+each step runs the corrector at t_i, then the predictor from t_i to t_{i+1}.
+
+``euler_maruyama``, ``reverse_diffusion`` and ``ancestral`` are the predictor-only samplers
+(corrector "none"); ``pc`` combines any predictor with any corrector by name.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .._checks import check_choice, check_int, check_positive
+from ..sdes import SDE, ScoreFn
+from ._base import (
+    Callback,
+    CountedScore,
+    SampleResult,
+    check_common,
+    check_finite,
+    denoise_step,
+    emit,
+    steps_iter,
+    times,
+    tweedie,
+)
+from .correctors import CORRECTORS
+from .grids import time_grid
+from .predictors import PREDICTORS
+
+
+def pc(
+    score_fn: ScoreFn,
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    predictor: str = "reverse_diffusion",  # name in PREDICTORS
+    corrector: str = "langevin",  # name in CORRECTORS, or "none"
+    steps: int | None = None,  # predictor steps; default sde.N (1000)
+    eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
+    grid: str = "uniform",  # name in GRIDS
+    rho: float = 7.0,  # exponent of the "edm" grid
+    snr: float = 0.16,  # Langevin signal-to-noise ratio (0.16 for VE CIFAR-10, 0.01 for VP)
+    n_steps: int = 1,  # corrector steps per predictor step
+    step_lr: float = 2e-5,  # annealed Langevin base step size (Song & Ermon 2019)
+    denoise_final: bool = True,  # one extra score call: Tweedie's E[x_0 | x_eps] at the end
+    _name: str = "pc",
+) -> SampleResult:
+    """Predictor-corrector sampler (Song et al. 2021, Alg. 1).
+
+    Args:
+        score_fn: score_fn(x, t) with t of shape (B,).
+        sde: the forward SDE.
+        x_T: the starting state at time T (batch first).
+        generator: source of all the noise.
+        callback: called after each predictor step with {"i", "t", "x", "x0_hat"} at t_i.
+        progress: show a tqdm bar.
+
+    Returns:
+        SampleResult with nfe = steps (1 + n_steps if a corrector is used) + denoise_final.
+
+    Raises:
+        ValueError: unknown predictor/corrector/grid, steps < 1, eps outside (0, T), snr <= 0,
+            n_steps < 1, step_lr <= 0.
+    """
+    check_choice("predictor", predictor, PREDICTORS)
+    check_choice("corrector", corrector, CORRECTORS)
+    steps = sde.N if steps is None else steps
+    eps = check_common(sde, x_T, steps, eps)
+    check_positive("snr", snr)
+    check_int("n_steps", n_steps, 1)
+    check_positive("step_lr", step_lr)
+    ts = time_grid(sde, steps, eps, grid, rho=rho)
+    options = dict(predictor=predictor, corrector=corrector, steps=steps, eps=eps, grid=grid)
+    options["denoise_final"] = denoise_final
+    if corrector != "none":
+        options.update(n_steps=n_steps, **({"snr": snr} if corrector == "langevin" else {"step_lr": step_lr}))
+    predict = PREDICTORS[predictor]
+    correct = partial(CORRECTORS[corrector], **({k: options[k] for k in ("snr", "step_lr", "n_steps") if k in options}))
+    score = CountedScore(score_fn)
+    x = x_T
+    with torch.no_grad():
+        for i in steps_iter(steps, progress, _name):
+            t, s = ts[i], ts[i + 1]
+            x = correct(sde, score, x, t, eps, generator)
+            tt = times(t, x)
+            sc = score(x, tt)
+            x_prev = x
+            x = predict(sde, x, t, s, sc, generator)
+            emit(callback, i, tt, x_prev, lambda x_prev=x_prev, tt=tt, sc=sc: tweedie(sde, x_prev, tt, sc))
+        if denoise_final:
+            x = denoise_step(sde, score, x, eps)
+    return SampleResult(check_finite(x, _name, options), score.calls, _name, options)
+
+
+def _predictor_only(name: str):
+    def sampler(
+        score_fn: ScoreFn,
+        sde: SDE,
+        x_T: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+        progress: bool = False,
+        steps: int | None = None,  # default sde.N (1000)
+        eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
+        grid: str = "uniform",  # name in GRIDS
+        rho: float = 7.0,  # exponent of the "edm" grid
+        denoise_final: bool = True,  # one extra score call: Tweedie's E[x_0 | x_eps]
+    ) -> SampleResult:
+        return pc(score_fn, sde, x_T, generator=generator, callback=callback, progress=progress, predictor=name,
+                  corrector="none", steps=steps, eps=eps, grid=grid, rho=rho, denoise_final=denoise_final, _name=name)
+
+    sampler.__name__ = sampler.__qualname__ = name
+    sampler.__doc__ = (f"The {name} predictor alone (no corrector): "
+                       f"{(PREDICTORS[name].__doc__ or '').splitlines()[0]}\n\nSee ``pc`` for the arguments.")
+    return sampler
+
+
+euler_maruyama = _predictor_only("euler_maruyama")
+reverse_diffusion = _predictor_only("reverse_diffusion")
+ancestral = _predictor_only("ancestral")

@@ -1,0 +1,379 @@
+"""The training loop: AdamW + linear LR warmup + grad clipping + EMA, resumable bit-for-bit.
+
+Follows the recipe of Song et al. 2021 (score_sde: Adam, warmup, clipping, EMA) as a small
+library object: ``Trainer(model, sde, data, TrainConfig(...)).fit()``. The same code runs
+under ``torchrun --nproc_per_node N`` (see :mod:`sde.training.distributed`).
+
+Why resume is exact: the data order of epoch e is a pure function of ``(seed, e)`` (a
+``DistributedSampler``, also with one replica) and the position in the epoch follows from
+the step, so a checkpoint needs only the step, the weights, the EMA, the optimizer and the
+RNG states (global torch/CUDA/python/numpy and the generator that draws the loss noise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from .._checks import check_int, check_open_interval, check_tensor
+from .checkpoint import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    capture_rng_state,
+    check_state_dict_compatible,
+    diff_dicts,
+    load_checkpoint,
+    restore_rng_state,
+)
+from .distributed import DistInfo, current_dist_info
+from .ema import EMA
+
+LossFn = Callable[..., Tensor]  # loss_fn(model, sde, x0, *, generator, [y]) -> scalar
+EvalHook = Callable[[int, nn.Module, nn.Module], "dict[str, float] | float | None"]  # (step, model, ema_model)
+LogFn = Callable[[dict[str, float]], None]
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Hyperparameters of :class:`Trainer` (plain primitives: stored verbatim in checkpoints)."""
+
+    total_steps: int = 10_000  # optimizer steps of the whole run; a resumed run continues up to this
+    batch_size: int = 128  # per-rank batch; global batch = batch_size * world_size
+    lr: float = 2e-4  # peak AdamW learning rate, reached after warmup
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW first/second moment decays
+    adam_eps: float = 1e-8  # AdamW denominator epsilon
+    warmup_steps: int = 1000  # linear warmup: step s (1-based) uses lr * min(1, s / warmup_steps); 0 = none
+    grad_clip: float = 1.0  # clip the global gradient 2-norm to this; 0 = no clipping (norm still logged)
+    ema_decay: float = 0.999  # asymptotic EMA decay of the averaged weights
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    seed: int = 0  # data order = f(seed, epoch); loss noise generator seeded from (seed, rank)
+    bf16: bool = False  # bf16 autocast of forward + loss; CUDA only, a no-op on CPU
+    compile: bool = False  # torch.compile the model; CUDA only, skipped on CPU
+    log_every: int = 100  # steps between metric logs and progress-bar updates
+    eval_every: int = 0  # steps between eval hooks; 0 = only at the end of fit()
+    ckpt_every: int = 1000  # steps between writes of latest.pt; 0 = only at the end of fit()
+    keep_every: int = 0  # also keep step_XXXXXXXX.pt every this many steps; 0 = never
+    best_metric: str = "bpd"  # eval-hook metric (lower is better) that selects best.pt
+    out_dir: str | None = None  # checkpoint directory; None = no checkpoints
+    resume: bool = True  # continue from out_dir/latest.pt when it exists
+    progress: bool = True  # tqdm bar (rank 0 only)
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "batch_size"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "log_every", "eval_every", "ckpt_every", "keep_every", "seed"):
+            check_int(name, getattr(self, name), 0)
+        for name in ("lr", "adam_eps"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        check_open_interval("ema_decay", self.ema_decay, 0.0, 1.0)
+        self.betas = tuple(float(b) for b in self.betas)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Primitive-only dict (tuples become lists) for checkpoints and loggers."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# Settings that change the trajectory: resuming with different values would not continue the same run.
+_TRAJECTORY_KEYS = ("batch_size", "lr", "weight_decay", "betas", "adam_eps", "warmup_steps", "grad_clip",
+                    "ema_decay", "ema_warmup", "seed", "bf16")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or gradient norm) became NaN/inf; training stopped before applying the step."""
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): ``lr * min(1, step / warmup_steps)``."""
+    check_int("step", step, 1)
+    return lr if warmup_steps == 0 else lr * min(1.0, step / warmup_steps)
+
+
+class Trainer:
+    """Train ``model`` with ``loss_fn(model, sde, x0, generator=..., [y=...])`` on a tensor dataset.
+
+    Args:
+        model: the network (e.g. ``ScoreModel``); moved to ``device``.
+        sde: the forward SDE handed to the loss.
+        data: an (N, ...) float tensor in model space, or an object with ``.data`` (``load_dataset``).
+        config: hyperparameters; default ``TrainConfig()``.
+        labels: optional (N,) labels; when given the loss also receives ``y=labels[batch]``.
+        loss_fn: default :func:`sde.losses.dsm_loss`.
+        callbacks: eval hooks ``hook(step, model, ema_model)`` run on rank 0 every ``eval_every``
+            steps and at the end, under ``torch.random.fork_rng`` so evaluation never changes the
+            training trajectory; a returned dict (or float, named "metric") is logged and
+            ``config.best_metric`` selects ``best.pt``.
+        log_fn: receives ``{"step", "loss", "lr", "grad_norm", "steps_per_sec"}`` every ``log_every``
+            steps (and the eval metrics) on rank 0.
+        model_config: primitives describing the architecture; stored and compared on resume.
+        device: default: this rank's GPU under NCCL, else the device of the model's parameters.
+
+    Raises:
+        ValueError / TypeError: bad data, or a batch larger than the rank's share of the data.
+    """
+
+    def __init__(self, model: nn.Module, sde: Any, data: Any, config: TrainConfig | None = None, *,
+                 labels: Tensor | None = None, loss_fn: LossFn | None = None, callbacks: Sequence[EvalHook] = (),
+                 log_fn: LogFn | None = None, model_config: dict[str, Any] | None = None,
+                 device: torch.device | str | None = None, dist_info: DistInfo | None = None) -> None:
+        self.config = cfg = config if config is not None else TrainConfig()
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
+        self.dist = dist_info if dist_info is not None else current_dist_info()
+        if device is None:
+            device = self.dist.device if self.dist.backend == "nccl" else next(model.parameters()).device
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.sde = sde
+        data = getattr(data, "data", data)
+        self.data = check_tensor("data", data).to(self.device)
+        if labels is not None and (not isinstance(labels, Tensor) or labels.shape[:1] != self.data.shape[:1]):
+            raise ValueError(f"labels must be a tensor with {self.data.shape[0]} rows, got {labels!r:.80}")
+        self.labels = labels.to(self.device) if labels is not None else None
+        self.loss_fn = loss_fn if loss_fn is not None else _default_loss()
+        self.callbacks = list(callbacks)
+        self.log_fn = log_fn
+        self.model_config = dict(model_config or {})
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.dist.rank)
+        self.step = 0
+        self.best_value: float | None = None
+        self.eval_metrics: dict[str, float] = {}
+        self.checkpoints = (CheckpointManager(cfg.out_dir, cfg.keep_every)
+                            if cfg.out_dir is not None and self.dist.is_main else None)
+        self._sampler = DistributedSampler(range(self.data.shape[0]), num_replicas=self.dist.world_size,
+                                           rank=self.dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        self.batches_per_epoch = len(self._sampler) // cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"batch_size={cfg.batch_size} exceeds this rank's {len(self._sampler)} examples "
+                             f"({self.data.shape[0]} in all over {self.dist.world_size} ranks)")
+        self._epoch_cache: tuple[int, Tensor] | None = None
+        on_cuda = self.device.type == "cuda"
+        train_model: nn.Module = self.model
+        if self.dist.distributed:
+            ids = [self.device] if on_cuda else None
+            train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
+        if cfg.compile and on_cuda:  # inductor on CPU costs minutes of compile for little gain here
+            train_model = torch.compile(train_model)
+        self._train_model = train_model
+        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.bf16 and on_cuda \
+            else contextlib.nullcontext
+
+    # ----------------------------------------------------------------------------- data
+    def batch_indices(self, step: int) -> Tensor:
+        """Indices of the examples this rank uses at 0-based ``step`` (a pure function of seed and step)."""
+        epoch, pos = divmod(step, self.batches_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._sampler.set_epoch(epoch)
+            self._epoch_cache = (epoch, torch.tensor(list(iter(self._sampler)), dtype=torch.long))
+        b = self.config.batch_size
+        return self._epoch_cache[1][pos * b:(pos + 1) * b]
+
+    # ----------------------------------------------------------------------------- loop
+    def fit(self, stop: Callable[[int], bool] | None = None) -> dict[str, float]:
+        """Train until ``config.total_steps``, resuming from ``out_dir/latest.pt`` when allowed.
+
+        Args:
+            stop: optional ``stop(step) -> bool`` checked after every step (e.g. a wall-clock budget);
+                when it returns True the run ends as at ``total_steps`` (final log, eval, checkpoint).
+                Under DDP it must answer the same on every rank.
+
+        Returns:
+            The last logged metrics merged with the last eval metrics.
+
+        Raises:
+            NonFiniteLossError: the loss or gradient norm was NaN/inf (names the step; the last
+                good checkpoint on disk is left untouched).
+            CheckpointMismatchError: the checkpoint belongs to another model/run configuration.
+        """
+        cfg = self.config
+        if cfg.resume and cfg.out_dir is not None:
+            latest = CheckpointManager(cfg.out_dir).latest
+            if latest.is_file():
+                self.load(latest)
+        self.model.train()
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
+                   dynamic_ncols=True, desc="train")
+        metrics: dict[str, float] = {}
+        window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+        while self.step < cfg.total_steps:
+            loss_value, grad_norm, lr = self._train_step()
+            window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            bar.update(1)
+            done = self.step == cfg.total_steps or (stop is not None and stop(self.step))
+            if (cfg.log_every and self.step % cfg.log_every == 0) or done:
+                elapsed = time.perf_counter() - t0
+                metrics = {"step": self.step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
+                           "steps_per_sec": window_steps / max(elapsed, 1e-12)}
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
+                self._log(metrics)
+                window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+            is_best = False
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
+                is_best = self._evaluate()
+            if cfg.out_dir is not None and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or done):
+                self.save(is_best=is_best)
+            if done:
+                break
+        bar.close()
+        return {**metrics, **self.eval_metrics}
+
+    def _train_step(self) -> tuple[float, float, float]:
+        cfg = self.config
+        idx = self.batch_indices(self.step).to(self.device)
+        x0 = self.data[idx]
+        kwargs: dict[str, Any] = {"generator": self.noise_generator}
+        if self.labels is not None:
+            kwargs["y"] = self.labels[idx]
+        lr = warmup_lr(self.step + 1, cfg.lr, cfg.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss_fn(self._train_model, self.sde, x0, **kwargs)
+        loss_value = self._global_mean(loss.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"loss is {loss_value} at step {self.step + 1}; stopped before applying it "
+                                     f"(last good checkpoint kept: {self._latest_name()})")
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, change nothing
+        grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}; stopped before applying "
+                                     f"it (last good checkpoint kept: {self._latest_name()})")
+        self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return loss_value, grad_norm, lr
+
+    def _global_mean(self, value: Tensor) -> float:
+        value = value.to(torch.float64, copy=True)  # logged/averaged in float64 whatever the training dtype
+        if self.dist.distributed:  # equal per-rank batches: mean of rank means = mean over the global batch
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.dist.world_size
+        return float(value)
+
+    def _evaluate(self) -> bool:
+        if not self.dist.is_main or not self.callbacks:
+            return False
+        metrics: dict[str, float] = {}
+        self.model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for hook in self.callbacks:
+                out = hook(self.step, self.model, self.ema.model)
+                if isinstance(out, dict):
+                    metrics.update({k: float(v) for k, v in out.items()})
+                elif out is not None:
+                    metrics["metric"] = float(out)
+        self.model.train()
+        self.eval_metrics = metrics
+        if metrics:
+            self._log({"step": self.step, **metrics})
+        value = metrics.get(self.config.best_metric)
+        if value is None or not math.isfinite(value) or (self.best_value is not None and value >= self.best_value):
+            return False
+        self.best_value = value
+        return True
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.log_fn is not None and self.dist.is_main:
+            self.log_fn(dict(metrics))
+
+    def _latest_name(self) -> str:
+        return str(self.checkpoints.latest) if self.checkpoints is not None else "none"
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit (collective under DDP: every rank must call it)."""
+        rng = capture_rng_state(self.noise_generator)
+        per_rank = [rng]
+        if self.dist.distributed:
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, rng)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            # The LR schedule is stateless (warmup_lr of the step); stored for readers of the file.
+            "scheduler": {"name": "linear_warmup", "lr": self.config.lr, "warmup_steps": self.config.warmup_steps},
+            "config": self.config.to_dict(),
+            "model_config": self.model_config,
+            "rng": {"world_size": self.dist.world_size, "per_rank": per_rank},
+            "best_value": self.best_value,
+            "eval_metrics": dict(self.eval_metrics),
+        }
+
+    def save(self, *, is_best: bool = False) -> None:
+        """Write latest.pt (and best.pt / step_XXXXXXXX.pt when due) from rank 0."""
+        state = self.state_dict()
+        if self.checkpoints is not None:
+            self.checkpoints.save(state, self.step, is_best=is_best)
+
+    def load(self, path: Any) -> None:
+        """Restore a checkpoint written by :meth:`save`.
+
+        Raises:
+            CheckpointMismatchError: model config, trajectory hyperparameters or weight shapes differ
+                (the message names every differing key).
+        """
+        state = load_checkpoint(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointMismatchError(f"{path}: checkpoint format {state.get('format')!r}, "
+                                          f"expected {CHECKPOINT_FORMAT}")
+        diffs = diff_dicts(state.get("model_config", {}), self.model_config)
+        if diffs:
+            raise CheckpointMismatchError(f"{path} was written for a different model config: " + "; ".join(diffs))
+        saved_cfg, cur_cfg = state["config"], self.config.to_dict()
+        diffs = diff_dicts({k: saved_cfg.get(k) for k in _TRAJECTORY_KEYS}, {k: cur_cfg[k] for k in _TRAJECTORY_KEYS})
+        if diffs:
+            raise CheckpointMismatchError(f"{path} was written with different training settings "
+                                          "(resuming would not continue the same run): " + "; ".join(diffs))
+        check_state_dict_compatible(state["model"], self.model)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.best_value = state.get("best_value")
+        self.eval_metrics = dict(state.get("eval_metrics", {}))
+        per_rank = state["rng"]["per_rank"]
+        if len(per_rank) == self.dist.world_size:
+            restore_rng_state(per_rank[self.dist.rank], self.noise_generator)
+        else:
+            warnings.warn(f"{path} was written by {len(per_rank)} ranks, resuming on {self.dist.world_size}: "
+                          "RNG states are not restored, so the run is not bit-for-bit continued", stacklevel=2)
+
+
+def _default_loss() -> LossFn:
+    from ..losses import dsm_loss  # imported lazily: the loop itself does not depend on the loss module
+
+    return dsm_loss
+
+
+def train(model: nn.Module, sde: Any, data: Any, config: TrainConfig | None = None, **kwargs: Any) -> Trainer:
+    """Build a :class:`Trainer`, run :meth:`Trainer.fit` and return it (for ``trainer.ema.model``)."""
+    trainer = Trainer(model, sde, data, config, **kwargs)
+    trainer.fit()
+    return trainer
