@@ -91,18 +91,18 @@ def table_quality(args) -> None:
           f"(two data sets of this size: {floor:.4f})\n")
     print("| SDE | sampler | " + " | ".join(f"NFE~{b}" for b in stoch_budgets) + " |")
     print("|---|---|" + "---|" * len(stoch_budgets))
-    samplers = {
-        "euler_maruyama": lambda b: dict(steps=b - 1),
-        "reverse_diffusion": lambda b: dict(steps=b - 1),
-        "ancestral": lambda b: dict(steps=b - 1),
-        "pc (EM + langevin snr=0.1)": lambda b: dict(steps=(b - 1) // 2, predictor="euler_maruyama", snr=0.1),
-        "ddim": lambda b: dict(steps=b - 1),
-        "heun": lambda b: dict(steps=(b - 1) // 2),
-        "dpm_solver++ 3M": lambda b: dict(steps=b - 2, order=3),
+    samplers = {  # label -> (sampler, options for the budget b)
+        "euler_maruyama": ("euler_maruyama", lambda b: dict(steps=b - 1)),
+        "reverse_diffusion": ("reverse_diffusion", lambda b: dict(steps=b - 1)),
+        "ancestral": ("ancestral", lambda b: dict(steps=b - 1)),
+        "pc (EM + langevin snr=0.1)": ("pc", lambda b: dict(steps=(b - 1) // 2, predictor="euler_maruyama", snr=0.1)),
+        "ddim": ("ddim", lambda b: dict(steps=b - 1)),
+        "heun": ("heun", lambda b: dict(steps=(b - 1) // 2)),
+        "dpm_solver++ 3M": ("dpm_solver", lambda b: dict(steps=b - 2, order=3)),
+        "ode rk4": ("ode", lambda b: dict(method="rk4", steps=b // 4)),
     }
     for sde_name, sde in (("VP", VPSDE()), ("subVP", SubVPSDE()), ("VE", VESDE(sigma_max=10.0))):
-        for label, make in samplers.items():
-            name = label.split(" ")[0]
+        for label, (name, make) in samplers.items():
             cells = []
             for b in stoch_budgets:
                 try:

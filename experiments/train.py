@@ -4,18 +4,20 @@
     python experiments/train.py sde=ve model=unet train.steps=2000 logger=none
     python experiments/train.py -m sde=vp,subvp,ve    # a sweep; results.md in the sweep folder
 
-Writes into its run folder: checkpoint.pt (+ checkpoints/), samples.png (or samples_2d.png),
-strip.png, bpd_hist.png, metrics.json; prints a summary table at the end.
+Training runs in sde.training.Trainer (EMA, warm-up, clipping, atomic checkpoints, resume). Writes into
+its run folder: checkpoint.pt (+ checkpoints/latest.pt, best.pt, step_*.pt), samples.png (or samples_2d.png),
+strip.png, metrics.json; prints a summary table at the end.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
 import hydra
 import torch
-from _common import build, load_data, print_table, run_dir, setup, sweep_info, write_json
+from _common import load_data, print_table, run_dir, setup, sweep_info, to_plain, write_json
 from _common.models import build_model, build_sde, num_dims, save_checkpoint
 from _common.results import write_row
 from _common.sampling import draw
@@ -24,21 +26,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 
-def _batches(data: torch.Tensor, labels, batch_size: int, generator: torch.Generator):
-    """Endless random mini-batches (reshuffled every epoch with the run's generator)."""
-    n = data.shape[0]
-    while True:
-        perm = torch.randperm(n, generator=generator, device=generator.device)
-        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            idx = perm[i:i + batch_size]
-            yield data[idx], None if labels is None else labels[idx]
-
-
 @torch.no_grad()
-def _validation_loss(model, sde, data, cfg, generator) -> float:
+def _validation_loss(model, sde, data, cfg) -> float:
+    """DSM loss of the EMA model on the test split, with the same noise at every evaluation."""
     from sde.losses import dsm_loss
 
-    g = torch.Generator(device=generator.device).manual_seed(cfg.seed + 1)  # same noise every time
+    g = torch.Generator(device=data.device).manual_seed(cfg.seed + 1)
     losses = [dsm_loss(model, sde, data[i:i + 512], likelihood_weighting=cfg.train.likelihood_weighting,
                        eps=cfg.train.eps, generator=g).item() for i in range(0, data.shape[0], 512)]
     return sum(losses) / len(losses)
@@ -46,8 +39,7 @@ def _validation_loss(model, sde, data, cfg, generator) -> float:
 
 def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from sde.losses import dsm_loss
-
-    from sde.training.ema import EMA
+    from sde.training import TrainConfig, Trainer
 
     train_set = load_data(cfg.data, split="train")
     test_set = load_data(cfg.data, split="test")
@@ -55,45 +47,36 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     x_test = test_set.data.to(device=device, dtype=dtype)
     sde = build_sde(cfg)
     model = build_model(cfg, sde).to(device=device, dtype=dtype)
-    optimizer = build(cfg.optimizer)(model.parameters())
-    base_lr = [g["lr"] for g in optimizer.param_groups]
-    ema = EMA(model, decay=cfg.train.ema_decay)
-    tc = cfg.train
-    batches = _batches(x_train, None, min(tc.batch_size, x_train.shape[0]), generator)
-    metrics: dict = {"params": sum(p.numel() for p in model.parameters())}
+    tc, opt = cfg.train, cfg.optimizer
+    config = TrainConfig(
+        total_steps=tc.steps, batch_size=min(tc.batch_size, x_train.shape[0]), lr=opt.lr, betas=tuple(opt.betas),
+        weight_decay=opt.weight_decay, adam_eps=opt.eps, warmup_steps=tc.warmup, grad_clip=tc.grad_clip,
+        ema_decay=tc.ema_decay, seed=cfg.seed, log_every=cfg.logger.log_every, eval_every=tc.val_every,
+        ckpt_every=tc.checkpoint_every, keep_every=tc.checkpoint_every, best_metric="val_loss",
+        out_dir=str(out / "checkpoints"), resume=tc.resume, progress=tc.progress,
+    )
+    loss_fn = functools.partial(dsm_loss, likelihood_weighting=tc.likelihood_weighting, eps=tc.eps)
+    hooks = [lambda step, model, ema_model: {"val_loss": _validation_loss(ema_model, sde, x_test, cfg)}]
+    hooks = hooks if tc.val_every else []
+    deadline = time.perf_counter() + tc.time_budget_s if tc.time_budget_s else None
+
+    def log_fn(m: dict) -> None:
+        step = int(m.pop("step"))
+        tracker.log({(k if k.startswith("val") else f"train/{k}"): v for k, v in m.items()}, step=step)
+
+    trainer = Trainer(model, sde, x_train, config, loss_fn=loss_fn, callbacks=hooks, log_fn=log_fn,
+                      model_config={k: to_plain(cfg[k]) for k in ("sde", "model", "data")}, device=device)
     t0 = time.perf_counter()
-    t_last, running = t0, 0.0
-    for step in range(1, tc.steps + 1):
-        x0, _ = next(batches)
-        warm = min(1.0, step / tc.warmup) if tc.warmup > 0 else 1.0
-        for group, lr in zip(optimizer.param_groups, base_lr):
-            group["lr"] = lr * warm
-        loss = dsm_loss(model, sde, x0, likelihood_weighting=tc.likelihood_weighting, eps=tc.eps, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        optimizer.step()
-        ema.update(model, step)
-        running += loss.item()
-        if step % cfg.logger.log_every == 0 or step == tc.steps:
-            now = time.perf_counter()
-            k = cfg.logger.log_every if step % cfg.logger.log_every == 0 else step % cfg.logger.log_every
-            record = {"train/loss": running / k, "train/lr": optimizer.param_groups[0]["lr"],
-                      "train/grad_norm": grad_norm, "train/steps_per_s": k / max(now - t_last, 1e-9)}
-            tracker.log(record, step=step)
-            t_last, running = now, 0.0
-            metrics["train_loss"] = record["train/loss"]
-        if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
-            metrics["val_loss"] = _validation_loss(ema.model, sde, x_test, cfg, generator)
-            tracker.log({"val/loss": metrics["val_loss"]}, step=step)
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-            save_checkpoint(out / "checkpoints" / f"step_{step:08d}.pt", cfg, model, ema.model, step)
-    metrics["train_seconds"] = time.perf_counter() - t0
-    ckpt = save_checkpoint(out / "checkpoint.pt", cfg, model, ema.model, tc.steps, metrics)
+    final = trainer.fit(stop=(lambda step: time.perf_counter() > deadline) if deadline else None)
+    metrics: dict = {"params": sum(p.numel() for p in model.parameters()), "steps": trainer.step,
+                     "train_loss": final.get("loss", math.nan), "train_seconds": time.perf_counter() - t0}
+    if "val_loss" in final:
+        metrics["val_loss"] = final["val_loss"]
+    ema_model = trainer.ema.model
+    ckpt = save_checkpoint(out / "checkpoint.pt", cfg, model, ema_model, trainer.step, metrics)
     if cfg.logger.get("log_checkpoints", False):
         tracker.artifact(ckpt, name=f"{cfg.name}-checkpoint", type="model")
-    return _evaluate(cfg, ema.model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics)
+    return _evaluate(cfg, ema_model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics)
 
 
 def _evaluate(cfg, model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics) -> dict:

@@ -89,6 +89,26 @@ class ArrayDataset(torch.utils.data.Dataset):
             f"num_classes={self.num_classes})"
         )
 
+    def to_levels(self, x: Tensor | None = None) -> Tensor:
+        """The integer levels k in [0, levels - 1] of ``x`` (default: this dataset's data).
+
+        Raises:
+            ValueError: the dataset is not quantized (levels is None).
+        """
+        if self.levels is None:
+            raise ValueError(f"dataset {self.name!r} is continuous (levels=None): it has no integer levels")
+        x = self.data if x is None else x
+        return ((x.double() + 1.0) * (self.levels - 1) / 2.0).round().clamp(0, self.levels - 1).long()
+
+    def bpd_options(self) -> dict[str, float]:
+        """Keyword arguments of ``sde.likelihood.dataset_bits_per_dim`` that put each level k's
+        dequantization bin, of width 2 / (levels - 1), centred on this dataset's grid point
+        2k / (levels - 1) - 1: the space a model trained on ``dequantize``d data lives in."""
+        if self.levels is None:
+            raise ValueError(f"dataset {self.name!r} is continuous (levels=None): bits/dim needs levels")
+        L = self.levels
+        return {"levels": L, "scale": 2.0 * L / (L - 1), "shift": L / (L - 1)}
+
     def batches(
         self,
         batch_size: int,

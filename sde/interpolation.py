@@ -92,4 +92,3 @@ def interpolate(
     zs = blend(z0, z1, w)  # (n, B, ...)
     x = decode(score_fn, sde, zs.reshape(n * x0.shape[0], *x0.shape[1:]), **ode)
     return x.reshape(n, *x0.shape)
-

@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import bcast, check_choice, check_open_interval, check_tensor
+from ._checks import bcast, check_choice, check_int, check_open_interval, check_tensor
 from .sdes import SDE
 
-__all__ = ["dsm_loss", "sample_time", "REDUCTIONS"]
+__all__ = ["dsm_loss", "sample_time", "dequantize", "dequantized", "REDUCTIONS"]
 
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "mean": lambda v: v.mean(dim=1),  # mean over data dims
@@ -113,3 +113,22 @@ def dsm_loss(
     if likelihood_weighting:  # g^2 || s + z/sigma ||^2; times the IS weight this is Z/(T-eps) ||sigma s + z||^2
         w = w * sde.diffusion(t) ** 2 / sigma**2
     return (w * err).mean()
+
+
+def dequantize(x: Tensor, levels: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Spread quantized data on the grid 2k / (levels - 1) - 1 uniformly over each level's bin
+    (width 2 / (levels - 1), centred on the grid point): the continuous density that bits/dim
+    scores (``ArrayDataset.bpd_options``)."""
+    check_int("levels", levels, 2)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + (u - 0.5) * (2.0 / (levels - 1))
+
+
+def dequantized(loss_fn: Callable[..., Tensor], levels: int) -> Callable[..., Tensor]:
+    """Wrap ``loss_fn(model, sde, x0, *, generator=None, **kw)`` to train on dequantized x0."""
+    check_int("levels", levels, 2)
+
+    def loss(model, sde, x0, *, generator=None, **kwargs):
+        return loss_fn(model, sde, dequantize(x0, levels, generator=generator), generator=generator, **kwargs)
+
+    return loss

@@ -180,3 +180,22 @@ def test_bad_names_and_options(tmp_path):
     with pytest.raises(TypeError, match="load_dataset\\('moons'\\).*radius"):
         load_dataset("moons", radius=2)
     assert set(DATASETS) == {"digits", "moons", "swiss_roll", "checkerboard", "gmm", "image_folder", "cifar10", "mnist"}
+
+
+def test_levels_and_bpd_bins_match_the_training_grid():
+    from sde.losses import dequantize
+
+    ds = load_dataset("digits", split="test")
+    k = ds.to_levels()
+    assert k.dtype == torch.long and k.min() == 0 and k.max() == 16
+    torch.testing.assert_close(2 * k.double() / 16 - 1, ds.data.double())
+    opts = ds.bpd_options()
+    # bits/dim maps x = (k + u) / L to y = scale x - shift: u = 1/2 must land on the grid point
+    y_mid = opts["scale"] * (k.double() + 0.5) / opts["levels"] - opts["shift"]
+    torch.testing.assert_close(y_mid, ds.data.double())
+    # and dequantize spreads each grid point over exactly that bin
+    xd = dequantize(ds.data.double(), 17, generator=torch.Generator().manual_seed(0))
+    u = (xd + opts["shift"]) * opts["levels"] / opts["scale"] - k.double()
+    assert 0 <= u.min() and u.max() < 1 and u.std() > 0.25
+    with pytest.raises(ValueError, match="continuous"):
+        load_dataset("moons", n=10).to_levels()

@@ -37,7 +37,7 @@ def blur(x):
 def test_digits_split_is_fixed():
     xtr, ytr = load_digits_split("train")
     xte, yte = load_digits_split("test")
-    assert xtr.shape == (1437, 1, 8, 8) and xte.shape == (360, 1, 8, 8)
+    assert xtr.shape == (1438, 1, 8, 8) and xte.shape == (359, 1, 8, 8)
     assert xtr.min() >= -1 and xtr.max() <= 1
     assert torch.equal(load_digits_split("test")[0], xte)  # same split every call
     with pytest.raises(ValueError, match="split='val'"):

@@ -75,7 +75,6 @@ def test_cfg_scale_convention_and_per_sample_labels():
     torch.testing.assert_close(scaled, s_u + 2.5 * (s_c - s_u))  # exact classifier: the two guidances agree
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["cfg", "classifier"])
 def test_guided_sampling_draws_the_requested_component(method):
     sde = VPSDE()
@@ -132,7 +131,6 @@ def test_bad_inputs_error_clearly():
         train_classifier(clf, sde, torch.zeros(10, 2), torch.zeros(9, dtype=torch.long), steps=1)
 
 
-@pytest.mark.slow
 def test_train_classifier_reaches_bayes_accuracy():
     sde = VPSDE()
     gm = _mixture()

@@ -29,8 +29,17 @@ def test_mlp_shape(dim, embedding):
     "kw, shape",
     [
         ({}, (2, 1, 8, 8)),
-        ({"image_size": 16, "attn_resolutions": (8,)}, (2, 1, 16, 16)),
-        ({"in_channels": 3, "image_size": 32, "channel_mults": (1, 2, 2, 2), "attn_resolutions": (8,)}, (2, 3, 32, 32)),
+        ({"image_size": 16, "attn_resolutions": (8,), "base_channels": 16}, (2, 1, 16, 16)),
+        (
+            {
+                "in_channels": 3,
+                "image_size": 32,
+                "channel_mults": (1, 2, 2, 2),
+                "attn_resolutions": (8,),
+                "base_channels": 16,
+            },
+            (2, 3, 32, 32),
+        ),
         ({"in_channels": 3, "image_size": (8, 16), "base_channels": 16, "embedding": "fourier"}, (2, 3, 8, 16)),
         ({"out_channels": 2, "base_channels": 16, "channel_mults": (1,)}, (2, 1, 8, 8)),
     ],

@@ -228,3 +228,12 @@ def test_training_learns_the_exact_gaussian_score():
         exact = target.score_fn(sde)(x, tt)
         rel = ((learned - exact).norm(dim=1) ** 2).mean() / (exact.norm(dim=1) ** 2).mean()
         assert rel < 0.02, (t, rel.item())
+
+
+def test_stop_rule_ends_the_run_like_total_steps(tmp_path):
+    calls = []
+    trainer = Trainer(make_model(), VPSDE(), make_data(), cfg(out_dir=str(tmp_path), ckpt_every=100),
+                      loss_fn=eps_dsm_loss, callbacks=[lambda s, m, e: calls.append(s)])
+    trainer.fit(stop=lambda step: step == 4)
+    assert trainer.step == 4 and calls == [4]  # final eval ran at the stop step
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 4  # and the final checkpoint was written

@@ -18,6 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -207,7 +208,7 @@ class Trainer:
         """
         cfg = self.config
         if cfg.resume and cfg.out_dir is not None:
-            latest = CheckpointManager(cfg.out_dir).latest
+            latest = Path(cfg.out_dir) / CheckpointManager.LATEST  # every rank reads it (shared filesystem)
             if latest.is_file():
                 self.load(latest)
         self.model.train()

@@ -1,0 +1,227 @@
+"""End-to-end runs of the Hydra apps with tiny settings (subprocesses, outputs in tmp dirs).
+
+train.py -> checkpoint -> sample.py / likelihood.py / evaluate.py on it; the oracle paths; the
+error messages for a missing or mismatched checkpoint; a W&B-offline multirun read back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# Every test here starts Python + torch + Hydra in a subprocess (seconds each): all are slow.
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["threads=1", "logger=none"]
+TINY_TRAIN = [
+    "train.steps=20", "train.batch_size=32", "train.val_every=10", "train.checkpoint_every=10", "train.warmup=5",
+    "model.net.hidden=32", "model.net.depth=1", "eval.num_samples=9", "eval.bpd_samples=4", "eval.strip_frames=4",
+    "sampler.options.steps=10", "eval.likelihood.rtol=1e-3", "eval.likelihood.atol=1e-3",
+]
+
+
+def _env(tmp: Path, **extra: str) -> dict:
+    env = dict(os.environ, WANDB_SILENT="true", HYDRA_FULL_ERROR="1", SCORE_SDE_CACHE=str(tmp / "cache"))
+    for key in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[key] = str(tmp / "wandb_home")
+    env.pop("WANDB_MODE", None)
+    env.update(extra)
+    return env
+
+
+def run_app(script: str, args: list[str], tmp: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], cwd=ROOT, env=_env(tmp, **env),
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics_of(folder: Path) -> dict:
+    m = json.loads((folder / "metrics.json").read_text())
+    assert not list(folder.glob(".metrics.json.*"))  # the atomic writer left no temp file
+    return m
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    run_app("train.py", [*FAST, *TINY_TRAIN, f"hydra.run.dir={tmp / 'run'}"], tmp)
+    return tmp / "run"
+
+
+def test_train_writes_checkpoint_metrics_and_pictures(trained):
+    m = metrics_of(trained)
+    assert m["task"] == "train" and m["sde"] == "vp" and m["model"] == "mlp" and m["dims"] == 64
+    assert m["levels"] == 17 and m["bpd_points"] == 4
+    assert math.isfinite(m["test_bpd"]) and 0 < m["test_bpd"] < 30
+    assert math.isfinite(m["val_loss"]) and m["sample_nfe"] >= 10
+    with Image.open(trained / "samples.png") as im:  # 9 digits: 3x3 tiles of 8 px + 1 px padding, x8
+        assert im.size == ((3 * 9 + 1) * 8, (3 * 9 + 1) * 8)
+        assert len(np.unique(np.asarray(im))) > 2  # not a blank picture
+    with Image.open(trained / "strip.png") as im:  # 8 samples x (x_t, x0_hat) rows, 4 frames + the result
+        assert im.size == ((5 * 9 + 1) * 8, (16 * 9 + 1) * 8)
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 20 and ckpt["config"]["sde"]["_target_"] == "sde.sdes.VPSDE"
+    assert ckpt["config"]["model"]["net"]["hidden"] == 32 and ckpt["ema"] is not None
+    assert (trained / "checkpoints" / "step_00000010.pt").is_file()
+
+
+def test_sample_from_checkpoint(trained, tmp_path):
+    out = tmp_path / "sample"
+    args = [*FAST, f"score.path={trained / 'checkpoint.pt'}", "sampler=ddim", "sampler.options.steps=5",
+            "num_samples=6", "strip_frames=3", f"hydra.run.dir={out}"]
+    proc = run_app("sample.py", args, tmp_path)
+    m = metrics_of(out)
+    assert m["sampler"] == "ddim" and m["num_samples"] == 6 and m["sde"] == "VPSDE" and m["nfe"] >= 5
+    x = torch.load(out / "samples.pt", weights_only=True)
+    assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all()
+    assert (out / "samples.png").stat().st_size > 100 and (out / "strip.png").is_file()
+    assert "| nfe" in proc.stdout  # the summary table
+
+
+def test_likelihood_from_checkpoint_matches_its_own_logp(trained, tmp_path):
+    out = tmp_path / "lik"
+    args = [*FAST, f"score.path={trained / 'checkpoint.pt'}", "num_points=5", "likelihood.rtol=1e-3",
+            "likelihood.atol=1e-3", f"hydra.run.dir={out}"]
+    run_app("likelihood.py", args, tmp_path)
+    m = metrics_of(out)
+    logp = torch.load(out / "logp.pt", weights_only=True).double()
+    assert logp.shape == (5,) and m["points"] == 5 and m["levels"] == 17
+    # bits/dim of dequantized 17-level data in [-1, 1] (scale 2): -(log p + D ln 2 - D ln 17) / (D ln 2)
+    D = 64
+    bpd = -(logp + D * math.log(2) - D * math.log(17)) / (D * math.log(2))
+    assert m["bpd"] == pytest.approx(bpd.mean().item(), rel=1e-6)
+    assert m["nll_nats"] == pytest.approx(-logp.mean().item(), rel=1e-6)
+    assert (out / "bpd_hist.png").is_file() and (out / "logp_hist.png").is_file()
+
+
+def test_missing_checkpoint_says_what_to_run(tmp_path):
+    proc = run_app("sample.py", [*FAST, f"score.path={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}"],
+                   tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr and "python experiments/train.py" in proc.stderr
+
+
+def test_mismatched_checkpoint_lists_differing_keys(trained, tmp_path):
+    args = [*FAST, f"score.path={trained / 'checkpoint.pt'}", "sde=ve", "model.net.hidden=64",
+            f"hydra.run.dir={tmp_path}"]
+    proc = run_app("likelihood.py", args, tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "sde._target_: checkpoint='sde.sdes.VPSDE' requested='sde.sdes.VESDE'" in proc.stderr
+    assert "model.net.hidden: checkpoint=32 requested=64" in proc.stderr
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_oracle_sampling_recovers_the_mixture(tmp_path):
+    out = tmp_path / "oracle"
+    args = [*FAST, "data=gmm", "score=oracle", "sde=subvp", "sampler=dpm", "num_samples=2000", f"hydra.run.dir={out}"]
+    run_app("sample.py", args, tmp_path)
+    m = metrics_of(out)
+    assert m["score"] == "oracle" and m["nonfinite"] == 0 and m["nfe"] >= 20
+    assert m["weights_l1"] < 0.1  # exact samples give about 0.06 at n = 2000
+    assert abs(m["mean_logp"] - m["oracle_mean_logp"]) < 0.3
+    assert (out / "samples_2d.png").stat().st_size > 1000
+
+
+def test_oracle_likelihood_matches_the_exact_density(tmp_path):
+    out = tmp_path / "oracle_lik"
+    args = [*FAST, "data=gmm", "score=oracle", "sde=vp", "num_points=16", "likelihood.divergence=exact",
+            "likelihood.rtol=1e-6", "likelihood.atol=1e-6", "dtype=float64", f"hydra.run.dir={out}"]
+    run_app("likelihood.py", args, tmp_path)
+    m = metrics_of(out)
+    assert "bpd" not in m  # continuous data: nats, no bits/dim
+    assert m["mean_abs_logp_error"] < 1e-3
+    assert m["nll_nats"] == pytest.approx(m["exact_nll_nats"], abs=1e-3)
+
+
+def test_evaluate_from_checkpoint(trained, tmp_path):
+    out = tmp_path / "eval"
+    args = [*FAST, f"score.path={trained / 'checkpoint.pt'}", "sampler=ddim", "sampler.options.steps=5",
+            "num_samples=40", f"hydra.run.dir={out}"]
+    run_app("evaluate.py", args, tmp_path)
+    m = metrics_of(out)
+    for key in ("fd_digits", "kid", "inception_score", "mmd", "energy_distance", "sliced_w2"):
+        assert math.isfinite(m[key]) and math.isfinite(m[f"floor_{key}"])
+    assert 1 <= m["inception_score"] <= 10
+    assert m["fd_digits"] > m["floor_fd_digits"]  # 20 training steps are far from the data
+
+
+def _wandb_records(path: Path) -> list:
+    """Protobuf records of an offline run's .wandb file (a LevelDB-style log after a 7-byte W&B header).
+
+    wandb >= 0.19 keeps the config and summary of offline runs only in this file (no config.yaml).
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, records, buf = 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a record header never straddles a block: the tail is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding up to the block end
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(buf)
+            records.append(record)
+    return records
+
+
+def read_offline_run(run_dir: Path) -> tuple[str, str, dict, dict]:
+    """(group, job_type, config, summary) of one offline run folder, from its .wandb file."""
+    (log,) = run_dir.glob("*.wandb")
+    group = job_type = ""
+    config, summary = {}, {}
+    for record in _wandb_records(log):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            group, job_type = record.run.run_group, record.run.job_type
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
+        elif kind == "summary":
+            summary.update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
+    return group, job_type, config, summary
+
+
+def test_wandb_offline_multirun_gives_one_run_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "threads=1", "logger=wandb", "data=gmm", "score=oracle", "sde=vp,ve", "sampler=ddim,dpm",
+            "num_samples=300", "reference_samples=300", f"hydra.sweep.dir={sweep}"]
+    run_app("sample.py", args, tmp_path, WANDB_MODE="offline")
+    table = (sweep / "results.csv").read_text().splitlines()
+    assert len(table) == 5 and (sweep / "results.md").is_file()
+    seen = set()
+    for job in range(4):
+        m = metrics_of(sweep / str(job))
+        runs = sorted((sweep / str(job) / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"job {job} has runs {runs}"  # one run per job, never shared
+        group, job_type, config, summary = read_offline_run(runs[0])
+        assert group == sweep.name and job_type == "sample"
+        assert config["sde"]["_target_"] == f"sde.sdes.{m['sde']}"  # the resolved config of this job
+        assert config["sampler"]["name"] == {"ddim": "ddim", "dpm": "dpm_solver"}[m["sampler"]]
+        assert config["task"] == "sample" and config["score"]["kind"] == "oracle" and config["num_samples"] == 300
+        assert summary["nfe"] == m["nfe"] and summary["weights_l1"] == pytest.approx(m["weights_l1"])
+        seen.add((m["sde"], m["sampler"]))
+    assert seen == set(itertools.product(["VPSDE", "VESDE"], ["ddim", "dpm"]))
