@@ -1,7 +1,7 @@
 """Benchmark (not a test): train the default UNet on 8x8 digits for a wall-clock budget, report test bits/dim.
 
-Training uses the library loop (sde.training.Trainer) on uniformly dequantized digits
-(y = 2 (k + u) / 17 - 1, the same map bits/dim uses, so train and test see the same space) with
+Training uses the library loop (sde.training.Trainer) on uniformly dequantized digits (each
+level's bin around its grid point, the same space bits/dim scores, so train and test agree) with
 the likelihood-weighted, importance-sampled DSM loss of Song et al. 2021 ("Maximum Likelihood
 Training of Score-Based Diffusion Models"), which bounds -log p. Test bits/dim of the EMA model
 is measured with the probability-flow ODE (sde.likelihood.dataset_bits_per_dim) every
@@ -21,38 +21,28 @@ import argparse
 import json
 import math
 import time
+from functools import partial
 
 import torch
 
 from sde.data import load_dataset
 from sde.likelihood import dataset_bits_per_dim
-from sde.losses import dsm_loss
+from sde.losses import dequantized, dsm_loss
 from sde.models import ScoreModel
 from sde.nets import UNet
 from sde.sdes import VPSDE
 from sde.training import TrainConfig, Trainer
 
-LEVELS = 17  # digits pixel values 0..16
-
-
-def to_levels(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] data on the grid 2k/16 - 1 back to integer levels k."""
-    return ((x.double() + 1) * (LEVELS - 1) / 2).round().long()
-
-
-def dequantized_dsm_loss(model, sde, x0, *, generator=None, y=None):
-    """DSM on y = 2 (k + u) / 17 - 1, u ~ U[0, 1): the continuous space whose density bits/dim scores."""
-    k = to_levels(x0).to(x0.dtype)
-    u = torch.rand(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-    y0 = 2 * (k + u) / LEVELS - 1
-    return dsm_loss(model, sde, y0, likelihood_weighting=True, importance_sampling=True, generator=generator)
+# DSM on dequantized digits (sde.losses.dequantized): each level's bin of width 2/16 around its grid
+# point, the continuous space whose density bits/dim scores (ArrayDataset.bpd_options).
+LOSS = dequantized(partial(dsm_loss, likelihood_weighting=True, importance_sampling=True), levels=17)
 
 
 class BudgetedEval:
     """Eval hook + stop rule on a training-time clock that excludes evaluation time."""
 
-    def __init__(self, sde, test_levels, args) -> None:
-        self.sde, self.test, self.args = sde, test_levels, args
+    def __init__(self, sde, test, args) -> None:
+        self.sde, self.test, self.args = sde, test, args
         self.start = time.perf_counter()
         self.eval_seconds = 0.0
         self.next_mark = 60.0 * args.eval_minutes
@@ -72,11 +62,12 @@ class BudgetedEval:
         while self.next_mark <= t_train:
             self.next_mark += 60.0 * self.args.eval_minutes
         t0 = time.perf_counter()
-        x = self.test if final else self.test[: self.args.eval_n]
+        levels = self.test.to_levels()
+        x = levels if final else levels[: self.args.eval_n]
         tol = self.args.rtol
         g = torch.Generator().manual_seed(0)  # same dequantization and probes at every evaluation
-        bpd, err = dataset_bits_per_dim(ema_model, self.sde, x, levels=LEVELS, generator=g, rtol=tol, atol=tol,
-                                        batch_size=self.args.eval_batch)
+        bpd, err = dataset_bits_per_dim(ema_model, self.sde, x, **self.test.bpd_options(), generator=g,
+                                        rtol=tol, atol=tol, batch_size=self.args.eval_batch)
         spent = time.perf_counter() - t0
         self.eval_seconds += spent
         row = {"train_min": round(t_train / 60, 3), "step": step, "n_test": x.shape[0], "bpd": bpd, "stderr": err,
@@ -103,16 +94,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train = load_dataset("digits", split="train")
-    test_levels = to_levels(load_dataset("digits", split="test").data)
+    test = load_dataset("digits", split="test")
     sde = VPSDE()
     model = ScoreModel(UNet(), sde, parametrization="eps")
-    print(f"digits train {tuple(train.data.shape)}, test {tuple(test_levels.shape)}, "
+    print(f"digits train {tuple(train.data.shape)}, test {tuple(test.data.shape)}, "
           f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.threads} thread(s)", flush=True)
-    hook = BudgetedEval(sde, test_levels, args)
+    hook = BudgetedEval(sde, test, args)
     config = TrainConfig(total_steps=10**9, batch_size=args.batch, lr=args.lr, warmup_steps=50, grad_clip=1.0,
                          ema_decay=args.ema, seed=args.seed, log_every=50, eval_every=10, best_metric="bpd",
                          progress=False)
-    trainer = Trainer(model, sde, train.data, config, loss_fn=dequantized_dsm_loss, callbacks=[hook],
+    trainer = Trainer(model, sde, train.data, config, loss_fn=LOSS, callbacks=[hook],
                       log_fn=lambda m: "loss" in m and print({k: round(v, 4) for k, v in m.items()}, flush=True))
     trainer.fit(stop=hook.stop)
     final = hook.curve[-1]
