@@ -3,6 +3,10 @@
     python experiments/train.py                       # digits, VP SDE, MLP: the main job
     python experiments/train.py sde=ve model=unet train.steps=2000 logger=none
     python experiments/train.py -m sde=vp,subvp,ve    # a sweep; results.md in the sweep folder
+    python experiments/train.py model.net.num_classes=10 +train.label_dropout=0.1  # conditional (CFG-ready)
+
+Quantized data (digits, MNIST, CIFAR-10) trains on dequantized samples (sde.losses.dequantized) and test
+bits/dim uses the dataset's own bins (ArrayDataset.bpd_options), so both score the same continuous density.
 
 Training runs in sde.training.Trainer (EMA, warm-up, clipping, atomic checkpoints, resume). Writes into
 its run folder: checkpoint.pt (+ checkpoints/latest.pt, best.pt, step_*.pt), samples.png (or samples_2d.png),
@@ -27,18 +31,57 @@ from omegaconf import DictConfig
 
 
 @torch.no_grad()
-def _validation_loss(model, sde, data, cfg) -> float:
-    """DSM loss of the EMA model on the test split, with the same noise at every evaluation."""
-    from sde.losses import dsm_loss
-
+def _validation_loss(model, loss_fn, data, labels, cfg) -> float:
+    """Training loss of the EMA model on the test split, with the same noise at every evaluation."""
     g = torch.Generator(device=data.device).manual_seed(cfg.seed + 1)
-    losses = [dsm_loss(model, sde, data[i:i + 512], likelihood_weighting=cfg.train.likelihood_weighting,
-                       eps=cfg.train.eps, generator=g).item() for i in range(0, data.shape[0], 512)]
+    losses = []
+    for i in range(0, data.shape[0], 512):
+        kwargs = {} if labels is None else {"y": labels[i:i + 512]}
+        losses.append(loss_fn(model, model.sde, data[i:i + 512], generator=g, **kwargs).item())
     return sum(losses) / len(losses)
 
 
+def _loss_function(cfg: DictConfig, train_set, num_classes: int):
+    """DSM loss, on dequantized data for quantized data sets (the space test bits/dim scores), with label
+    dropout to the null class for conditional models (one network serves classifier-free guidance)."""
+    from sde.losses import dequantized, dsm_loss
+    from sde.models import drop_labels
+
+    loss = functools.partial(dsm_loss, likelihood_weighting=cfg.train.likelihood_weighting, eps=cfg.train.eps)
+    if getattr(train_set, "levels", None):
+        loss = dequantized(loss, int(train_set.levels))
+    if num_classes == 0:
+        return loss
+    p = _label_dropout(cfg)
+
+    def conditional_loss(model, sde, x0, *, generator=None, y=None):
+        y = None if y is None else drop_labels(y, num_classes, p, generator=generator)
+        return loss(model, sde, x0, generator=generator, y=y)
+
+    return conditional_loss
+
+
+def _label_dropout(cfg: DictConfig) -> float:
+    """train.label_dropout: probability of training on the null class (classifier-free guidance), default 0.1."""
+    p = cfg.train.get("label_dropout", 0.1)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"train.label_dropout={p!r} must be a probability in [0, 1]")
+    return float(p)
+
+
+def _labels(cfg: DictConfig, data_set, num_classes: int, device) -> torch.Tensor | None:
+    """The class labels a conditional model trains on (None for an unconditional one)."""
+    if num_classes == 0:
+        return None
+    if data_set.labels is None or data_set.num_classes != num_classes:
+        raise ValueError(
+            f"model.net.num_classes={num_classes} asks for a class-conditional model, but data={cfg.data.name!r} has "
+            f"{'no labels' if data_set.labels is None else f'{data_set.num_classes} classes'}; set "
+            f"model.net.num_classes={data_set.num_classes if data_set.labels is not None else 0}")
+    return data_set.labels.to(device)
+
+
 def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
-    from sde.losses import dsm_loss
     from sde.training import TrainConfig, Trainer
 
     train_set = load_data(cfg.data, split="train")
@@ -47,6 +90,9 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     x_test = test_set.data.to(device=device, dtype=dtype)
     sde = build_sde(cfg)
     model = build_model(cfg, sde).to(device=device, dtype=dtype)
+    num_classes = int(cfg.model.net.get("num_classes", 0) or 0)
+    _label_dropout(cfg)  # checked before any training
+    y_train, y_test = _labels(cfg, train_set, num_classes, device), _labels(cfg, test_set, num_classes, device)
     tc, opt = cfg.train, cfg.optimizer
     config = TrainConfig(
         total_steps=tc.steps, batch_size=min(tc.batch_size, x_train.shape[0]), lr=opt.lr, betas=tuple(opt.betas),
@@ -55,8 +101,8 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
         ckpt_every=tc.checkpoint_every, keep_every=tc.checkpoint_every, best_metric="val_loss",
         out_dir=str(out / "checkpoints"), resume=tc.resume, progress=tc.progress,
     )
-    loss_fn = functools.partial(dsm_loss, likelihood_weighting=tc.likelihood_weighting, eps=tc.eps)
-    hooks = [lambda step, model, ema_model: {"val_loss": _validation_loss(ema_model, sde, x_test, cfg)}]
+    loss_fn = _loss_function(cfg, train_set, num_classes)
+    hooks = [lambda step, model, ema_model: {"val_loss": _validation_loss(ema_model, loss_fn, x_test, y_test, cfg)}]
     hooks = hooks if tc.val_every else []
     deadline = time.perf_counter() + tc.time_budget_s if tc.time_budget_s else None
 
@@ -64,7 +110,7 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
         step = int(m.pop("step"))
         tracker.log({(k if k.startswith("val") else f"train/{k}"): v for k, v in m.items()}, step=step)
 
-    trainer = Trainer(model, sde, x_train, config, loss_fn=loss_fn, callbacks=hooks, log_fn=log_fn,
+    trainer = Trainer(model, sde, x_train, config, labels=y_train, loss_fn=loss_fn, callbacks=hooks, log_fn=log_fn,
                       model_config={k: to_plain(cfg[k]) for k in ("sde", "model", "data")}, device=device)
     t0 = time.perf_counter()
     final = trainer.fit(stop=(lambda step: time.perf_counter() > deadline) if deadline else None)
@@ -96,11 +142,11 @@ def _evaluate(cfg, model, sde, test_set, x_test, tracker, out, device, dtype, ge
         tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=x_test, title=cfg.name))
     n_bpd = min(cfg.eval.bpd_samples, x_test.shape[0])
     if n_bpd > 0 and getattr(test_set, "levels", None):
-        levels = int(test_set.levels)
-        x01 = ((x_test[:n_bpd].double() + 1) / 2).to(dtype)  # back on the grid k / (levels - 1)
-        bpd, bpd_se = dataset_bits_per_dim(model, sde, x01, levels=levels, generator=generator, batch_size=64,
-                                           **cfg.eval.likelihood)
-        metrics.update({"test_bpd": bpd, "test_bpd_se": bpd_se, "bpd_points": n_bpd, "levels": levels})
+        # Integer levels and the dataset's own bins: the space the (dequantized) training data lived in.
+        k = test_set.to_levels(x_test[:n_bpd])
+        bpd, bpd_se = dataset_bits_per_dim(model, sde, k, generator=generator, batch_size=64, dtype=dtype,
+                                           **test_set.bpd_options(), **cfg.eval.likelihood)
+        metrics.update({"test_bpd": bpd, "test_bpd_se": bpd_se, "bpd_points": n_bpd, "levels": int(test_set.levels)})
         tracker.log({"test/bpd": bpd})
     metrics["dims"] = num_dims(test_set.shape)
     return metrics
