@@ -178,5 +178,22 @@ def test_non_finite_output_raises_naming_sampler(name):
         return torch.full_like(x, float("nan"))
 
     opts = dict(steps=2) if name != "ode" else dict(method="euler", steps=2)
+    if name in ("reverse_diffusion", "pc"):
+        opts["steps"] = 25  # the DDPM chain needs beta_max / steps < 1 (checked up front)
     with pytest.raises(FloatingPointError, match=f"sampler '{name}'.*steps"):
         sample(bad_score, sde, (2, 2), name, dtype=F64, **opts)
+
+
+@pytest.mark.parametrize("sampler, extra", [("reverse_diffusion", {}), ("pc", {"corrector": "none"})])
+def test_ddpm_chain_with_too_few_steps_fails_before_sampling(sampler, extra):
+    calls = []
+
+    def score(x, t):
+        calls.append(1)
+        return -x
+
+    with pytest.raises(ValueError, match=r"steps=10 .* beta\(t\) dt < 1"):
+        sample(score, VPSDE(), (4, 2), sampler=sampler, steps=10, **extra)
+    assert not calls  # rejected at the entry point, not after a wasted run
+    res = sample(score, VPSDE(), (4, 2), sampler=sampler, steps=25, **extra)  # beta_max / 25 < 1 is fine
+    assert torch.isfinite(res.x).all()

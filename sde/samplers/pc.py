@@ -76,6 +76,8 @@ def pc(
     check_int("n_steps", n_steps, 1)
     check_positive("step_lr", step_lr)
     ts = time_grid(sde, steps, eps, grid, rho=rho)
+    if predictor == "reverse_diffusion":
+        _check_discrete_chain(sde, ts, x_T)
     options = dict(predictor=predictor, corrector=corrector, steps=steps, eps=eps, grid=grid)
     options["denoise_final"] = denoise_final
     if corrector != "none":
@@ -96,6 +98,19 @@ def pc(
         if denoise_final:
             x = denoise_step(sde, score, x, eps)
     return SampleResult(check_finite(x, _name, options), score.calls, _name, options)
+
+
+def _check_discrete_chain(sde: SDE, ts: list[float], x_T: Tensor) -> None:
+    """The reverse-diffusion predictor steps the forward chain's (f_i, G_i) backwards; the DDPM
+    chain of VP needs beta(t) dt < 1 on every step. Checked once, on the CPU, before sampling."""
+    probe = torch.zeros(1, 1, dtype=torch.float64)
+    for t, s in zip(ts[:-1], ts[1:]):
+        f, G = sde.discretize(probe, t, t - s)
+        if not (torch.isfinite(G).all() and torch.isfinite(f).all()):
+            raise ValueError(
+                f"predictor='reverse_diffusion' with steps={len(ts) - 1} on {sde!r}: the discrete chain is undefined "
+                f"at t={t:.4g}, dt={t - s:.4g} (DDPM needs beta(t) dt < 1); use more steps or another predictor"
+            )
 
 
 def _predictor_only(name: str):

@@ -1,0 +1,298 @@
+"""Controllable generation with a trained score model (Song et al. 2021, sec. 5): guidance, inverse
+problems and latent interpolation, each with any registered sampler.
+
+    python experiments/controllable.py score.path=<train run>/checkpoint.pt control=inpaint control.mask=centre_box
+    python experiments/controllable.py score.path=<ckpt> control=super_resolve control.factor=2 sampler=pc
+    python experiments/controllable.py score.path=<conditional ckpt> control=cfg control.scale=3
+    python experiments/controllable.py score.path=<ckpt> control=classifier_guidance classifier_path=<run>/classifier.pt
+    python experiments/controllable.py score.path=<ckpt> control=interpolate control.steps=10
+
+Writes into its run folder: <control>.png (rows: ground truth, observation, mask, result for inverse
+problems; one row per pair for interpolation; the generated grid for guidance), results.pt (the tensors,
+written atomically), metrics.json (measurement-consistency error, error to the ground truth, or for
+guidance on digits the digits classifier's accuracy on the requested classes) and a summary table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from _common import load_data, plots, print_table, run_dir, setup, sweep_info, write_json
+from _common.models import build_sde, config_diff, load_checkpoint
+from _common.results import write_row
+from _common.sampling import draw
+from _common.tracking import open_tracker
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.nn import functional as F
+
+MASK_PRESETS = ("left_half", "right_half", "top_half", "centre_box", "random")
+
+
+# -- class-conditional generation -------------------------------------------------------------------
+def _class_ids(cfg: DictConfig, num_classes: int, device) -> Tensor:
+    """control.classes (null = every class in turn) cycled over num_images, checked against the model's classes."""
+    classes = cfg.control.classes
+    ids = list(range(num_classes)) if classes is None else list(classes if OmegaConf.is_list(classes) else [classes])
+    bad = [c for c in ids if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes]
+    if not ids or bad:
+        raise ValueError(f"control.classes={ids!r}: class ids must be integers in [0, {num_classes - 1}] "
+                         f"(the model has {num_classes} classes); offending: {bad}")
+    return torch.tensor(ids, device=device).repeat(math.ceil(cfg.num_images / len(ids)))[: cfg.num_images]
+
+
+def _class_metrics(cfg: DictConfig, x: Tensor, y: Tensor) -> dict:
+    """For digits: how often the project's digits classifier sees the requested class."""
+    if cfg.data.name != "digits":
+        return {}
+    from sde.features import get_digits_classifier
+
+    clf = get_digits_classifier(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        return {"class_accuracy": (clf.logits(x).argmax(1) == y).double().mean().item()}
+
+
+def _guided(cfg: DictConfig, ctx: dict, score_fn) -> tuple[dict, dict]:
+    x, nfe, _ = draw(score_fn, ctx["sde"], cfg.sampler, (cfg.num_images, *ctx["shape"]), generator=ctx["generator"],
+                     device=ctx["device"], dtype=ctx["dtype"])
+    y = ctx["labels"]
+    per_class = int(math.ceil(cfg.num_images / len(set(y.tolist()))))
+    metrics = {"scale": float(cfg.control.scale), "nfe": nfe, **_class_metrics(cfg, x, y)}
+    return metrics, {"x": x, "labels": y, "grid": (x, per_class)}
+
+
+def _need_classes(ctx: dict, what: str) -> int:
+    model = ctx["model"]
+    inner = getattr(model.net, "net", None)  # _common.models.Flatten hides the MLP's num_classes: expose it
+    if not hasattr(model.net, "num_classes") and inner is not None and hasattr(inner, "num_classes"):
+        model.net.num_classes = inner.num_classes
+    k = int(getattr(model, "num_classes", 0))
+    if k == 0:
+        raise ValueError(f"control={what} needs a class-conditional model, but the checkpoint {ctx['path']!r} has "
+                         f"model.net.num_classes=0 (no class embedding). Train one with\n    python experiments/"
+                         f"train.py model.net.num_classes=10  (label dropout gives the unconditional null class)")
+    return k
+
+
+def run_cfg(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+    """Classifier-free guidance with the checkpoint's own null class."""
+    from sde.guidance import cfg_score
+
+    ctx["labels"] = _class_ids(cfg, _need_classes(ctx, "cfg"), ctx["device"])
+    return _guided(cfg, ctx, cfg_score(ctx["model"], ctx["labels"], scale=float(cfg.control.scale)))
+
+
+def _load_classifier(cfg: DictConfig, ctx: dict):
+    from train_classifier import build_classifier
+
+    if cfg.classifier_path is None:
+        raise ValueError("control=classifier_guidance needs classifier_path=<run>/classifier.pt; train one with\n"
+                         "    python experiments/train_classifier.py  (same sde and data as the score model)")
+    path = Path(str(cfg.classifier_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier_path={str(path)!r} does not exist (python experiments/train_classifier.py "
+                                f"writes <run>/classifier.pt)")
+    ckpt = torch.load(path, map_location=ctx["device"], weights_only=True)
+    saved = OmegaConf.create(ckpt["config"])
+    diffs = config_diff({"sde": ckpt["config"]["sde"]}, {"sde": OmegaConf.to_container(cfg.sde, resolve=True)})
+    diffs += [f"data.shape: classifier={list(saved.data.shape)} model={list(cfg.data.shape)}"
+              for _ in [0] if list(saved.data.shape) != list(cfg.data.shape)]
+    if diffs:
+        raise ValueError(f"classifier {str(path)!r} was trained for another SDE or data set than the score model:\n  "
+                         + "\n  ".join(diffs))
+    classifier = build_classifier(saved, build_sde(saved)).to(device=ctx["device"], dtype=ctx["dtype"])
+    classifier.load_state_dict(ckpt["classifier"])
+    return classifier.eval().requires_grad_(False)
+
+
+def run_classifier_guidance(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+    """Unconditional score (the null class of a conditional model) plus the classifier's gradient."""
+    from sde.guidance import classifier_guided_score
+
+    classifier = _load_classifier(cfg, ctx)
+    ctx["labels"] = _class_ids(cfg, classifier.num_classes, ctx["device"])
+    score = classifier_guided_score(ctx["model"], classifier, ctx["labels"], scale=float(cfg.control.scale))
+    return _guided(cfg, ctx, score)
+
+
+# -- inverse problems -------------------------------------------------------------------------------
+def make_mask(control: DictConfig, shape: tuple[int, ...], generator: torch.Generator, device, dtype) -> Tensor:
+    """A 0/1 mask broadcastable to ``shape`` = (B, C, H, W): 1 = known pixel.
+
+    Raises:
+        ValueError: unknown preset, or a mask file whose shape does not fit the images.
+    """
+    b, c, h, w = shape
+    name = str(control.mask)
+    if name in MASK_PRESETS:
+        mask = torch.ones(b, 1, h, w, device=device, dtype=dtype)
+        if name == "left_half":
+            mask[..., w // 2:] = 0
+        elif name == "right_half":
+            mask[..., : w // 2] = 0
+        elif name == "top_half":
+            mask[..., h // 2:, :] = 0
+        elif name == "centre_box":
+            bh, bw = max(1, round(h * control.box_fraction)), max(1, round(w * control.box_fraction))
+            mask[..., (h - bh) // 2:(h - bh) // 2 + bh, (w - bw) // 2:(w - bw) // 2 + bw] = 0
+        else:
+            u = torch.rand(b, 1, h, w, generator=generator, device=generator.device).to(device)
+            mask = (u < control.keep_fraction).to(dtype)
+        return mask
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ValueError(f"control.mask={name!r} is neither a preset {list(MASK_PRESETS)} nor an existing "
+                         f".pt/.npy file")
+    raw = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+    mask = torch.as_tensor(raw).to(device=device, dtype=dtype)
+    fits = mask.dim() in (2, 3, 4) and mask.shape[-2:] == (h, w) and (mask.dim() == 2 or mask.shape[-3] in (1, c)) \
+        and (mask.dim() < 4 or mask.shape[0] in (1, b))
+    if not fits:
+        raise ValueError(f"control.mask={name!r} has shape {tuple(mask.shape)}; it must be (H, W), (1 or C, H, W) or "
+                         f"(1 or B, 1 or C, H, W) for images of shape (B, C, H, W)={tuple(shape)}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"control.mask={name!r} must hold only 0 and 1 (1 = known pixel)")
+    return mask.expand(shape) if mask.dim() == 4 else mask.expand(b, *mask.shape[-3:]) if mask.dim() == 3 \
+        else mask.expand(b, 1, h, w)
+
+
+def _solve(cfg: DictConfig, ctx: dict, constraint) -> tuple[Tensor, int]:
+    from sde.inverse import solve_inverse
+
+    options = OmegaConf.to_container(cfg.sampler.options, resolve=True) if cfg.sampler.get("options") else {}
+    res = solve_inverse(ctx["model"], ctx["sde"], constraint, conditioning=cfg.control.conditioning,
+                        sampler=cfg.sampler.name, zeta=float(cfg.control.zeta), generator=ctx["generator"], **options)
+    return res.x.detach(), int(res.nfe)
+
+
+def _inverse_metrics(x: Tensor, truth: Tensor, constraint, nfe: int, cfg: DictConfig) -> dict:
+    P, b = constraint
+    return {"conditioning": cfg.control.conditioning, "nfe": nfe,
+            "consistency_max_error": (P(x) - b).abs().max().item(),  # the measurement reproduced (0 up to rounding)
+            "mse_to_truth": (x - truth).pow(2).mean().item()}  # the sampled part vs the held-out ground truth
+
+
+def run_inpaint(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+    from sde.inverse import inpainting_constraint
+
+    truth = ctx["images"]
+    mask = make_mask(cfg.control, tuple(truth.shape), ctx["generator"], truth.device, truth.dtype)
+    constraint = inpainting_constraint(truth, mask)
+    x, nfe = _solve(cfg, ctx, constraint)
+    observed = truth * mask  # unknown pixels shown as mid grey (0)
+    metrics = {**_inverse_metrics(x, truth, constraint, nfe, cfg), "known_fraction": mask.mean().item()}
+    mask_row = (mask * 2 - 1).expand_as(truth)
+    return metrics, {"x": x, "truth": truth, "observed": observed, "mask": mask,
+                     "grid": (torch.cat([truth, observed, mask_row, x]), truth.shape[0])}
+
+
+def run_colorize(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+    from sde.inverse import colorization_constraint
+
+    truth = ctx["images"]
+    if truth.shape[1] != 3:
+        raise ValueError(f"control=colorize needs 3-channel (RGB) images, but data={cfg.data.name!r} has "
+                         f"{truth.shape[1]} channel(s), shape {tuple(truth.shape[1:])}; use e.g. data=cifar10")
+    gray = truth.mean(1, keepdim=True)
+    constraint = colorization_constraint(gray)
+    x, nfe = _solve(cfg, ctx, constraint)
+    observed = gray.expand_as(truth)
+    return _inverse_metrics(x, truth, constraint, nfe, cfg), {
+        "x": x, "truth": truth, "observed": gray, "grid": (torch.cat([truth, observed, x]), truth.shape[0])}
+
+
+def run_super_resolve(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+    from sde.inverse import super_resolution_constraint
+
+    truth, f = ctx["images"], cfg.control.factor
+    if isinstance(f, bool) or not isinstance(f, int) or f < 1 or truth.shape[-1] % f or truth.shape[-2] % f:
+        raise ValueError(f"control.factor={f!r} must be a positive integer dividing the image size "
+                         f"{tuple(truth.shape[-2:])}")
+    low = F.avg_pool2d(truth, f)
+    constraint = super_resolution_constraint(low, f)
+    x, nfe = _solve(cfg, ctx, constraint)
+    metrics = {**_inverse_metrics(x, truth, constraint, nfe, cfg), "factor": f,
+               "downsample_max_error": (F.avg_pool2d(x, f) - low).abs().max().item()}
+    observed = constraint.target  # the low-resolution image, nearest-upsampled
+    return metrics, {"x": x, "truth": truth, "observed": low, "grid": (torch.cat([truth, observed, x]), truth.shape[0])}
+
+
+# -- interpolation --------------------------------------------------------------------------------
+def run_interpolate(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+    from sde.interpolation import interpolate
+
+    images = ctx["images"]
+    pairs = max(1, images.shape[0] // 2)
+    if images.shape[0] < 2:
+        raise ValueError(f"control=interpolate needs num_images >= 2 (pairs of test images), got {cfg.num_images}")
+    x0, x1 = images[:pairs], images[pairs:2 * pairs]
+    ode = OmegaConf.to_container(cfg.control.ode, resolve=True)
+    with torch.no_grad():
+        path = interpolate(ctx["model"], ctx["sde"], x0, x1, int(cfg.control.steps), kind=cfg.control.kind, **ode)
+    rows = path.transpose(0, 1)  # (pairs, steps, ...): one row per pair
+    metrics = {"kind": cfg.control.kind, "steps": int(cfg.control.steps), "pairs": pairs,
+               # how well the ODE round trip (encode, decode) returns the end points
+               "endpoint_max_error": max((path[0] - x0).abs().max().item(), (path[-1] - x1).abs().max().item())}
+    return metrics, {"x": path, "x0": x0, "x1": x1, "grid": (rows.flatten(0, 1), path.shape[0])}
+
+
+CONTROLS = {  # control.name -> runner(cfg, ctx) -> (metrics, tensors incl. "grid": (images, nrow))
+    "cfg": run_cfg,
+    "classifier_guidance": run_classifier_guidance,
+    "inpaint": run_inpaint,
+    "colorize": run_colorize,
+    "super_resolve": run_super_resolve,
+    "interpolate": run_interpolate,
+}
+
+
+def run(cfg: DictConfig, tracker, out: Path, device, dtype, generator) -> dict:
+    from sde._checks import check_choice
+    from sde.training.checkpoint import save_checkpoint
+
+    runner = CONTROLS[check_choice("control.name", cfg.control.name, CONTROLS)]
+    if isinstance(cfg.num_images, bool) or not isinstance(cfg.num_images, int) or cfg.num_images < 1:
+        raise ValueError(f"num_images={cfg.num_images!r} must be a positive integer")
+    model, cfg, _ = load_checkpoint(cfg, list(HydraConfig.get().overrides.task), device, dtype)
+    ctx = {"model": model, "sde": model.sde, "device": device, "dtype": dtype, "generator": generator,
+           "path": str(cfg.score.path), "shape": tuple(int(s) for s in cfg.data.shape)}
+    if cfg.control.name not in ("cfg", "classifier_guidance"):
+        test = load_data(cfg.data, split="test")
+        ctx["images"] = test.data[: cfg.num_images].to(device=device, dtype=dtype)
+    metrics, tensors = runner(cfg, ctx)
+    grid, nrow = tensors.pop("grid")
+    if cfg.data.image:
+        picture = plots.save_grid(grid, out / f"{cfg.control.name}.png", nrow=nrow)
+        tracker.image(cfg.control.name, picture, caption=f"{cfg.control.name}, {cfg.sampler.name}")
+    save_checkpoint(out / "results.pt", {k: v.detach().cpu() for k, v in tensors.items()})
+    return {"task": "controllable", "control": cfg.control.name, "sampler": cfg.sampler.name,
+            "num_images": cfg.num_images, **metrics}
+
+
+@hydra.main(config_path="../conf", config_name="controllable", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    device, dtype, generator = setup(cfg)
+    out = run_dir()
+    sweep, sweep_name = sweep_info()
+    tracker = open_tracker(cfg, "controllable", out, sweep_name or cfg.name)
+    exit_code = 1
+    try:
+        metrics = run(cfg, tracker, out, device, dtype, generator)
+        write_json(out / "metrics.json", metrics)
+        tracker.summary(metrics)
+        tracker.table("results", [metrics])
+        if sweep is not None:
+            write_row(sweep, str(HydraConfig.get().job.num), metrics)
+        print_table(f"controllable: {cfg.name} -> {out}", metrics)
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""End-to-end runs of experiments/controllable.py and experiments/train_classifier.py with tiny settings.
+
+A conditional model is trained for a few steps by train.py (labels + label dropout), then one Hydra
+multirun drives controllable.py through cfg, inpaint, super_resolve and interpolate on its checkpoint;
+the measurements are checked exactly (known pixels, block means). Bad inputs are checked in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from test_experiments import FAST, TINY_TRAIN, metrics_of, run_app
+from torch.nn import functional as F
+
+pytestmark = pytest.mark.slow  # subprocesses with torch + Hydra: seconds each
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONTROL = [*FAST, "num_images=4", "sampler.options.steps=8"]
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cond")
+    run_app("train.py", [*FAST, *TINY_TRAIN, "model.net.num_classes=10", "+train.label_dropout=0.2",
+                         f"hydra.run.dir={tmp / 'run'}"], tmp)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def controls(conditional, tmp_path_factory) -> Path:
+    """cfg, inpaint, super_resolve, interpolate on the conditional checkpoint, in one multirun process."""
+    tmp = tmp_path_factory.mktemp("controls")
+    run_app("controllable.py", ["-m", *TINY_CONTROL, f"score.path={conditional / 'checkpoint.pt'}",
+                                "control=cfg,inpaint,super_resolve,interpolate", f"hydra.sweep.dir={tmp / 'sweep'}"],
+            tmp)
+    return tmp / "sweep"
+
+
+def test_conditional_training_saves_a_class_embedding(conditional):
+    ckpt = torch.load(conditional / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["model"]["net"]["num_classes"] == 10
+    embed = [k for k in ckpt["model"] if "class_embed" in k]
+    assert embed and any(ckpt["model"][k].shape[0] == 11 for k in embed)  # 10 classes + the null class
+    m = metrics_of(conditional)
+    assert np.isfinite(m["test_bpd"]) and np.isfinite(m["val_loss"])
+
+
+def test_cfg_samples_the_requested_classes(controls):
+    out = controls / "0"
+    m = metrics_of(out)
+    assert m["control"] == "cfg" and m["scale"] == 2.0 and m["nfe"] >= 8
+    assert 0.0 <= m["class_accuracy"] <= 1.0
+    res = torch.load(out / "results.pt", weights_only=True)
+    assert res["x"].shape == (4, 1, 8, 8) and res["labels"].tolist() == [0, 1, 2, 3]
+    with Image.open(out / "cfg.png") as im:
+        assert len(np.unique(np.asarray(im))) > 2
+
+
+def test_inpainting_keeps_the_known_pixels_exactly(controls):
+    out = controls / "1"
+    m = metrics_of(out)
+    res = torch.load(out / "results.pt", weights_only=True)
+    mask, truth, x = res["mask"], res["truth"], res["x"]
+    assert m["control"] == "inpaint" and m["known_fraction"] == 0.5 and m["consistency_max_error"] == 0.0
+    assert mask[..., :4].eq(1).all() and mask[..., 4:].eq(0).all()  # left_half preset: left half known
+    assert torch.equal(x * mask, truth * mask)  # known pixels exactly the input
+    assert not torch.equal(x, truth)  # the unknown half was sampled, not copied
+    with Image.open(out / "inpaint.png") as im:  # rows: truth, observed, mask, result; 4 columns of 9 px, x8
+        assert im.size == ((4 * 9 + 1) * 8, (4 * 9 + 1) * 8)
+
+
+def test_super_resolution_downsamples_back(controls):
+    out = controls / "2"
+    m = metrics_of(out)
+    res = torch.load(out / "results.pt", weights_only=True)
+    assert m["control"] == "super_resolve" and m["factor"] == 2
+    assert torch.allclose(F.avg_pool2d(res["x"], 2), res["observed"], atol=1e-5)
+    assert torch.allclose(res["observed"], F.avg_pool2d(res["truth"], 2))
+    assert m["downsample_max_error"] < 1e-5
+
+
+def test_interpolation_rows_start_and_end_near_the_pair(controls):
+    out = controls / "3"
+    m = metrics_of(out)
+    res = torch.load(out / "results.pt", weights_only=True)
+    path = res["x"]
+    assert m["control"] == "interpolate" and m["pairs"] == 2 and path.shape == (8, 2, 1, 8, 8)
+    err = max((path[0] - res["x0"]).abs().max().item(), (path[-1] - res["x1"]).abs().max().item())
+    assert m["endpoint_max_error"] == pytest.approx(err)
+    assert torch.isfinite(path).all()
+    assert (controls / "results.md").is_file()  # the sweep's results table
+
+
+def test_classifier_training_and_guidance(conditional, tmp_path):
+    clf_dir, out = tmp_path / "clf", tmp_path / "cg"
+    run_app("train_classifier.py", [*FAST, "train.steps=200", "classifier.hidden=64", "eval.noise_draws=1",
+                                    f"hydra.run.dir={clf_dir}"], tmp_path)
+    m = metrics_of(clf_dir)
+    assert m["acc_t0.01"] > 0.5 and m["acc_t0.01"] > m["acc_t1"]  # learns; pure noise is near chance
+    ckpt = torch.load(clf_dir / "classifier.pt", weights_only=True)
+    assert set(ckpt) == {"classifier", "metrics", "config"} and ckpt["config"]["classifier"]["hidden"] == 64
+    run_app("controllable.py", [*TINY_CONTROL, f"score.path={conditional / 'checkpoint.pt'}",
+                                "control=classifier_guidance", "control.classes=[7]",
+                                f"classifier_path={clf_dir / 'classifier.pt'}", f"hydra.run.dir={out}"], tmp_path)
+    m = metrics_of(out)
+    assert m["control"] == "classifier_guidance" and 0.0 <= m["class_accuracy"] <= 1.0
+    assert torch.load(out / "results.pt", weights_only=True)["labels"].tolist() == [7] * 4
+    proc = run_app("controllable.py", [*FAST, f"score.path={conditional / 'checkpoint.pt'}", "sde=ve",
+                                       "control=classifier_guidance", f"classifier_path={clf_dir / 'classifier.pt'}",
+                                       f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path, check=False)
+    assert proc.returncode != 0 and "sde._target_" in proc.stderr  # a VE request against a VP checkpoint
+
+
+# -- bad inputs, in-process ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def app():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import controllable
+
+    yield controllable
+    sys.path.remove(str(ROOT / "experiments"))
+
+
+def _model(num_classes: int):
+    from sde.models import ScoreModel
+    from sde.nets import MLP
+    from sde.sdes import VPSDE
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from _common.models import Flatten
+
+    return ScoreModel(Flatten(MLP(dim=64, hidden=8, depth=1, num_classes=num_classes)), VPSDE())
+
+
+def test_guidance_needs_a_class_embedding(app):
+    cfg = OmegaConf.create({"control": {"name": "cfg", "classes": None, "scale": 2.0}, "num_images": 2})
+    with pytest.raises(ValueError, match="num_classes=0"):
+        app.run_cfg(cfg, {"model": _model(0), "device": torch.device("cpu"), "path": "x.pt"})
+
+
+def test_class_ids_out_of_range(app):
+    for classes in ([3, 10], [-1], 2.5):
+        cfg = OmegaConf.create({"control": {"classes": classes}, "num_images": 2})
+        with pytest.raises(ValueError, match=r"control.classes=.*\[0, 9\]"):
+            app._class_ids(cfg, 10, torch.device("cpu"))
+
+
+def test_mask_presets_and_bad_mask_files(app, tmp_path):
+    control = OmegaConf.create({"mask": "centre_box", "box_fraction": 0.5, "keep_fraction": 0.3})
+    g = torch.Generator().manual_seed(0)
+    mask = app.make_mask(control, (2, 1, 8, 8), g, torch.device("cpu"), torch.float64)
+    assert mask.shape == (2, 1, 8, 8) and mask.sum().item() == 2 * (64 - 16) and mask[..., 2:6, 2:6].eq(0).all()
+    np.save(tmp_path / "ok.npy", np.ones((8, 8)))
+    control.mask = str(tmp_path / "ok.npy")
+    assert app.make_mask(control, (2, 1, 8, 8), g, torch.device("cpu"), torch.float64).shape == (2, 1, 8, 8)
+    np.save(tmp_path / "wrong.npy", np.ones((7, 8)))
+    control.mask = str(tmp_path / "wrong.npy")
+    with pytest.raises(ValueError, match=r"has shape \(7, 8\)"):
+        app.make_mask(control, (2, 1, 8, 8), g, torch.device("cpu"), torch.float64)
+    np.save(tmp_path / "half.npy", np.full((8, 8), 0.5))
+    control.mask = str(tmp_path / "half.npy")
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        app.make_mask(control, (2, 1, 8, 8), g, torch.device("cpu"), torch.float64)
+    control.mask = "triangle"
+    with pytest.raises(ValueError, match="neither a preset"):
+        app.make_mask(control, (2, 1, 8, 8), g, torch.device("cpu"), torch.float64)
+
+
+def test_colorize_needs_three_channels_and_sr_a_dividing_factor(app):
+    cfg = OmegaConf.create({"control": {"name": "colorize", "factor": 3}, "data": {"name": "digits"}})
+    ctx = {"images": torch.zeros(2, 1, 8, 8)}
+    with pytest.raises(ValueError, match="3-channel"):
+        app.run_colorize(cfg, ctx)
+    with pytest.raises(ValueError, match="control.factor=3"):
+        app.run_super_resolve(cfg, ctx)
+
+
+def test_summary_written_as_json(controls):
+    rows = [json.loads((controls / str(i) / "metrics.json").read_text())["control"] for i in range(4)]
+    assert rows == ["cfg", "inpaint", "super_resolve", "interpolate"]
