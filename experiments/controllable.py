@@ -21,11 +21,10 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from _common import load_data, plots, print_table, run_dir, setup, sweep_info, write_json
+from _common import load_data, plots
+from _common.app import run_task
 from _common.models import build_sde, config_diff, load_checkpoint
-from _common.results import write_row
 from _common.sampling import draw
-from _common.tracking import open_tracker
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -68,9 +67,6 @@ def _guided(cfg: DictConfig, ctx: dict, score_fn) -> tuple[dict, dict]:
 
 def _need_classes(ctx: dict, what: str) -> int:
     model = ctx["model"]
-    inner = getattr(model.net, "net", None)  # _common.models.Flatten hides the MLP's num_classes: expose it
-    if not hasattr(model.net, "num_classes") and inner is not None and hasattr(inner, "num_classes"):
-        model.net.num_classes = inner.num_classes
     k = int(getattr(model, "num_classes", 0))
     if k == 0:
         raise ValueError(f"control={what} needs a class-conditional model, but the checkpoint {ctx['path']!r} has "
@@ -276,22 +272,7 @@ def run(cfg: DictConfig, tracker, out: Path, device, dtype, generator) -> dict:
 
 @hydra.main(config_path="../conf", config_name="controllable", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    device, dtype, generator = setup(cfg)
-    out = run_dir()
-    sweep, sweep_name = sweep_info()
-    tracker = open_tracker(cfg, "controllable", out, sweep_name or cfg.name)
-    exit_code = 1
-    try:
-        metrics = run(cfg, tracker, out, device, dtype, generator)
-        write_json(out / "metrics.json", metrics)
-        tracker.summary(metrics)
-        tracker.table("results", [metrics])
-        if sweep is not None:
-            write_row(sweep, str(HydraConfig.get().job.num), metrics)
-        print_table(f"controllable: {cfg.name} -> {out}", metrics)
-        exit_code = 0
-    finally:
-        tracker.finish(exit_code)
+    run_task(cfg, "controllable", run)
 
 
 if __name__ == "__main__":

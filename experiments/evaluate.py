@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hydra
 import torch
-from _common import load_data, print_table, run_dir, setup, sweep_info, write_json
+from _common import load_data
+from _common.app import run_task
 from _common.models import score_source
-from _common.results import write_row
 from _common.sampling import draw
-from _common.tracking import open_tracker
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -73,22 +72,7 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    device, dtype, generator = setup(cfg)
-    out = run_dir()
-    sweep, sweep_name = sweep_info()
-    tracker = open_tracker(cfg, "evaluate", out, sweep_name or cfg.name)
-    exit_code = 1
-    try:
-        metrics = run(cfg, tracker, out, device, dtype, generator)
-        write_json(out / "metrics.json", metrics)
-        tracker.summary(metrics)
-        tracker.table("results", [metrics])
-        if sweep is not None:
-            write_row(sweep, str(HydraConfig.get().job.num), metrics)
-        print_table(f"evaluate: {cfg.name} -> {out}", metrics)
-        exit_code = 0
-    finally:
-        tracker.finish(exit_code)
+    run_task(cfg, "evaluate", run)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python experiments/train.py                       # digits, VP SDE, MLP: the main job
     python experiments/train.py sde=ve model=unet train.steps=2000 logger=none
     python experiments/train.py -m sde=vp,subvp,ve    # a sweep; results.md in the sweep folder
-    python experiments/train.py model.net.num_classes=10 +train.label_dropout=0.1  # conditional (CFG-ready)
+    python experiments/train.py model.net.num_classes=10 train.label_dropout=0.1  # conditional (CFG-ready)
 
 Quantized data (digits, MNIST, CIFAR-10) trains on dequantized samples (sde.losses.dequantized) and test
 bits/dim uses the dataset's own bins (ArrayDataset.bpd_options), so both score the same continuous density.
@@ -21,11 +21,10 @@ import time
 
 import hydra
 import torch
-from _common import load_data, print_table, run_dir, setup, sweep_info, to_plain, write_json
+from _common import load_data, to_plain
+from _common.app import run_task
 from _common.models import build_model, build_sde, num_dims, save_checkpoint
-from _common.results import write_row
 from _common.sampling import draw
-from _common.tracking import open_tracker
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -63,7 +62,7 @@ def _loss_function(cfg: DictConfig, train_set, num_classes: int):
 
 def _label_dropout(cfg: DictConfig) -> float:
     """train.label_dropout: probability of training on the null class (classifier-free guidance), default 0.1."""
-    p = cfg.train.get("label_dropout", 0.1)
+    p = cfg.train.label_dropout
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"train.label_dropout={p!r} must be a probability in [0, 1]")
     return float(p)
@@ -152,27 +151,17 @@ def _evaluate(cfg, model, sde, test_set, x_test, tracker, out, device, dtype, ge
     return metrics
 
 
+def _train_and_describe(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
+    metrics = train(cfg, tracker, out, device, dtype, generator)
+    choices = HydraConfig.get().runtime.choices
+    metrics.update({"task": "train", "name": cfg.name, "sde": choices.get("sde"), "model": choices.get("model")})
+    return metrics
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    device, dtype, generator = setup(cfg)
-    out = run_dir()
-    sweep, sweep_name = sweep_info()
-    tracker = open_tracker(cfg, "train", out, sweep_name or cfg.name)
-    exit_code = 1
-    try:
-        metrics = train(cfg, tracker, out, device, dtype, generator)
-        metrics.update({"task": "train", "name": cfg.name, "sde": HydraConfig.get().runtime.choices.get("sde"),
-                        "model": HydraConfig.get().runtime.choices.get("model")})
-        write_json(out / "metrics.json", metrics)
-        tracker.summary(metrics)
-        tracker.table("results", [metrics])
-        if sweep is not None:
-            write_row(sweep, str(HydraConfig.get().job.num), metrics)
-        print_table(f"train: {cfg.name} -> {out}", metrics)
-        exit_code = 0
-        return float(metrics.get("val_loss", metrics.get("train_loss", math.nan)))
-    finally:
-        tracker.finish(exit_code)
+    metrics = run_task(cfg, "train", _train_and_describe)
+    return float(metrics.get("val_loss", metrics.get("train_loss", math.nan)))  # the Optuna sweeper's objective
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from _common import load_data, print_table, run_dir, setup, to_plain, write_json
+from _common import load_data, to_plain
+from _common.app import run_task
 from _common.models import build_sde
-from _common.tracking import open_tracker
 from omegaconf import DictConfig
 
 CLASSIFIER_KEYS = ("sde", "data", "classifier")  # the config nodes a classifier checkpoint fixes
@@ -86,19 +86,7 @@ def run(cfg: DictConfig, tracker, out: Path, device, dtype, generator) -> dict:
 
 @hydra.main(config_path="../conf", config_name="train_classifier", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    device, dtype, generator = setup(cfg)
-    out = run_dir()
-    tracker = open_tracker(cfg, "train_classifier", out, cfg.name)
-    exit_code = 1
-    try:
-        metrics = run(cfg, tracker, out, device, dtype, generator)
-        write_json(out / "metrics.json", metrics)
-        tracker.summary(metrics)
-        tracker.table("results", [metrics])
-        print_table(f"train_classifier: {cfg.name} -> {out}", metrics)
-        exit_code = 0
-    finally:
-        tracker.finish(exit_code)
+    run_task(cfg, "train_classifier", run)
 
 
 if __name__ == "__main__":

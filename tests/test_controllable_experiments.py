@@ -28,7 +28,7 @@ TINY_CONTROL = [*FAST, "num_images=4", "sampler.options.steps=8"]
 @pytest.fixture(scope="module")
 def conditional(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("cond")
-    run_app("train.py", [*FAST, *TINY_TRAIN, "model.net.num_classes=10", "+train.label_dropout=0.2",
+    run_app("train.py", [*FAST, *TINY_TRAIN, "model.net.num_classes=10", "++train.label_dropout=0.2",
                          f"hydra.run.dir={tmp / 'run'}"], tmp)
     return tmp / "run"
 
@@ -185,3 +185,41 @@ def test_colorize_needs_three_channels_and_sr_a_dividing_factor(app):
 def test_summary_written_as_json(controls):
     rows = [json.loads((controls / str(i) / "metrics.json").read_text())["control"] for i in range(4)]
     assert rows == ["cfg", "inpaint", "super_resolve", "interpolate"]
+
+
+def test_train_loss_drops_labels_to_the_null_class_and_dequantizes(monkeypatch):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import train
+
+    import sde.losses
+    from sde.data import ArrayDataset
+    from sde.sdes import VPSDE
+
+    seen = {}
+    real = sde.losses.dequantize
+
+    def recording_dequantize(x, levels, *, generator=None):
+        seen["levels"] = levels
+        return real(x, levels, generator=generator)
+
+    monkeypatch.setattr(sde.losses, "dequantize", recording_dequantize)
+
+    def model(x, t, y=None):  # records what the loss hands the network; score 0
+        seen["y"], seen["x"] = y, x
+        return torch.zeros_like(x)
+
+    grid = torch.linspace(-1, 1, 17, dtype=torch.float64)[torch.randint(17, (4000, 2))]
+    ds = ArrayDataset(grid, torch.zeros(4000, dtype=torch.long), levels=17, num_classes=3)
+    cfg = OmegaConf.create({"train": {"likelihood_weighting": False, "eps": 1e-5, "label_dropout": 0.25}})
+    loss = train._loss_function(cfg, ds, num_classes=3)
+    x0 = ds.data
+    torch.manual_seed(0)
+    loss(model, VPSDE(), x0, generator=torch.Generator().manual_seed(1), y=ds.labels)
+    assert seen["levels"] == 17  # trained on dequantized data, the density bits/dim scores
+    assert set(seen["y"].tolist()) == {0, 3} and abs(seen["y"].eq(3).double().mean().item() - 0.25) < 0.03
+    cfg.train.label_dropout = 1.5
+    with pytest.raises(ValueError, match="train.label_dropout=1.5"):
+        train._label_dropout(cfg)
+    bad = OmegaConf.create({"data": {"name": "moons"}})
+    with pytest.raises(ValueError, match="model.net.num_classes=3"):
+        train._labels(bad, ArrayDataset(grid), 3, "cpu")

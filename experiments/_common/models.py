@@ -31,6 +31,7 @@ class Flatten(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.num_classes = getattr(net, "num_classes", 0)  # guidance checks it on the outer net
 
     def forward(self, x: Tensor, noise_label: Tensor, y: Tensor | None = None) -> Tensor:
         return self.net(x.flatten(1), noise_label, y).view_as(x)
