@@ -272,7 +272,7 @@ def train_classifier(
     if n_cls is not None:
         _check_labels("train_classifier", labels, n_cls, "classifier")
     opt = torch.optim.Adam(classifier.parameters(), lr=lr)
-    losses = torch.empty(steps, dtype=torch.float64)
+    losses = torch.empty(steps, dtype=torch.float64, device=data.device)  # on the device: no host sync per step
     classifier.train()
     for step in range(steps):
         idx = torch.randint(data.shape[0], (batch_size,), generator=generator, device=data.device)
@@ -283,8 +283,8 @@ def train_classifier(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses[step] = loss.detach().double().cpu()
+        losses[step] = loss.detach()
         if callback is not None:
             callback({"step": step, "loss": losses[step].item()})
     classifier.eval()
-    return losses
+    return losses.cpu()
