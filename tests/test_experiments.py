@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["threads=1", "logger=none"]
 TINY_TRAIN = [
-    "train.steps=20", "train.batch_size=32", "train.val_every=10", "train.checkpoint_every=10", "train.warmup=5",
+    "model=mlp", "train.steps=20", "train.batch_size=32", "train.val_every=10", "train.checkpoint_every=10",
+    "train.warmup=5",
     "model.net.hidden=32", "model.net.depth=1", "eval.num_samples=9", "eval.bpd_samples=4", "eval.strip_frames=4",
     "sampler.options.steps=10", "eval.likelihood.rtol=1e-3", "eval.likelihood.atol=1e-3",
 ]
