@@ -37,7 +37,7 @@ def main() -> None:
         "test + N(0, 0.3^2) noise": (test + 0.3 * torch.randn(test.shape, generator=gen)).clamp(-1, 1),
         "uniform noise": torch.rand(test.shape, generator=gen) * 2 - 1,
     }
-    print("\n| samples (360) vs. train split | FD-digits | KID (x1e3) | digits IS |")
+    print(f"\n| samples ({len(test)}) vs. train split | FD-digits | KID (x1e3) | digits IS |")
     print("|---|---|---|---|")
     for name, x in candidates.items():
         r = evaluate_samples(x, "digits_train", cache_dir=args.cache, kid_subsets=50,
