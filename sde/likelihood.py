@@ -27,6 +27,7 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from tqdm.auto import tqdm
 
 from ._checks import bcast, check_choice, check_int, check_open_interval, check_positive, check_tensor
+from .samplers._base import CountedScore
 from .sdes import SDE, ScoreFn
 
 __all__ = ["LikelihoodResult", "log_likelihood", "bits_per_dim", "dataset_bits_per_dim", "encode", "decode"]
@@ -111,17 +112,6 @@ DIVERGENCES: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
 
 
 # -- the ODE -------------------------------------------------------------------------------------------
-class _CountingScore:
-    """Wraps a score function and counts its calls on the host (no device sync)."""
-
-    def __init__(self, score_fn: ScoreFn) -> None:
-        self.score_fn, self.calls = score_fn, 0
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.calls += 1
-        return self.score_fn(x, t)
-
-
 def _pf_velocity(
     score: Callable[[Tensor, Tensor], Tensor], sde: SDE, x: Tensor, t: Tensor, lo: float, hi: float
 ) -> Tensor:
@@ -243,7 +233,7 @@ def log_likelihood(
     check_int("n_probes", n_probes, 1)
     _check_ode(sde, method, rtol, atol, eps)
     div_fn = DIVERGENCES[divergence]
-    score = _CountingScore(score_fn)
+    score = CountedScore(score_fn)
     n_vjp_per_eval = x[0].numel() if divergence == "exact" else n_probes
     logps, zs = [], []
     starts, size = _chunks(x, batch_size, progress, "log-likelihood")
