@@ -2,12 +2,18 @@
 
 The reference route (re-implemented here from its description, not copied): flatten (x, delta) to
 numpy, integrate with scipy.integrate.solve_ivp(RK45), and in every evaluation convert back to a
-float32 torch tensor, call the model once for the drift and once more (with autograd) for the
-Hutchinson divergence, then convert to numpy again. Ours integrates the same joint ODE with
-torchdiffeq's dopri5 on the device, in the input dtype, with one score call per evaluation.
+float32 torch tensor, build the time vector as ``ones(B) * t``, call the model once for the drift
+and once more (with autograd) for the Hutchinson divergence, then convert to numpy again. Ours
+integrates the same joint ODE with torchdiffeq's dopri5 on the device, in the input dtype, with one
+score call per evaluation and the time passed as one shared element (``sde._checks.shared_time``).
 Both use the same Rademacher probes and tolerance, so the answers must agree.
 
-Run:  python experiments/bench_likelihood.py [--batch 128] [--dim 32] [--repeats 3]
+Workloads: the exact score of a 64-D Gaussian mixture, and the default digits MLP score model
+(sde.nets.MLP, eps-parametrized) trained here for ``--train-steps`` steps on dequantized digits and
+scored on the dequantized test split; ``--checkpoint`` adds a model written by experiments/train.py
+(e.g. the U-Net of the main job). Routes run interleaved, a warm-up first; medians are reported.
+
+Run:  python experiments/bench_likelihood.py [--repeats 5] [--checkpoint run/checkpoint.pt]
 Prints a Markdown table.
 """
 
@@ -16,7 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from functools import partial
+from pathlib import Path
 
 # One thread for numpy's BLAS too (scipy's RK45 does its stage sums with it), like torch below:
 # the comparison is of the two routes, not of thread pools fighting over a shared machine.
@@ -28,11 +37,19 @@ import torch  # noqa: E402
 from scipy.integrate import solve_ivp  # noqa: E402
 
 from sde import VPSDE, GaussianMixture  # noqa: E402
+from sde.data import load_dataset  # noqa: E402
 from sde.likelihood import PROBES, bits_per_dim, log_likelihood  # noqa: E402
+from sde.losses import dequantize, dequantized, dsm_loss  # noqa: E402
+from sde.models import ScoreModel  # noqa: E402
+from sde.nets import MLP  # noqa: E402
 
 
-def reference_log_likelihood(score_fn, sde, x, probes, *, rtol=1e-5, atol=1e-5, eps=1e-5):
-    """score_sde_pytorch's route: scipy RK45 with a numpy round trip and two model calls per evaluation."""
+def reference_log_likelihood(score_fn, sde, x, probes, *, rtol=1e-5, atol=1e-5, eps=1e-5, shared_t=False):
+    """score_sde_pytorch's route: scipy RK45 with a numpy round trip and two model calls per evaluation.
+
+    ``shared_t=True`` passes the time as a stride-0 view instead of ``ones(B) * t``: the same model
+    fast path ours uses, to show how much of the gap is the route and how much the time embedding.
+    """
     shape, B = x.shape, x.shape[0]
     calls = [0]
 
@@ -52,7 +69,10 @@ def reference_log_likelihood(score_fn, sde, x, probes, *, rtol=1e-5, atol=1e-5, 
 
     def ode_func(t, y):
         sample = torch.from_numpy(y[:-B].reshape(shape)).to(x.device).type(torch.float32)
-        vec_t = torch.full((B,), t, device=x.device, dtype=torch.float32)
+        if shared_t:
+            vec_t = torch.full((1,), t, device=x.device, dtype=torch.float32).expand(B)
+        else:
+            vec_t = torch.ones(B, device=x.device, dtype=torch.float32) * t
         drift = drift_fn(sample, vec_t).detach().cpu().numpy().reshape(-1)
         div = div_fn(sample, vec_t).detach().cpu().numpy().reshape(-1)
         return np.concatenate([drift, div])
@@ -66,96 +86,142 @@ def reference_log_likelihood(score_fn, sde, x, probes, *, rtol=1e-5, atol=1e-5, 
     return sde.prior_logp(z) + delta, calls[0], sol.nfev
 
 
-class _TinyScoreNet(torch.nn.Module):
-    """A small untrained MLP score(x, t): any smooth vector field defines a valid PF-ODE density."""
-
-    def __init__(self, dim: int, hidden: int = 256) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(dim + 1, hidden),
-            torch.nn.SiLU(),
-            torch.nn.Linear(hidden, hidden),
-            torch.nn.SiLU(),
-            torch.nn.Linear(hidden, dim),
-        )
-
-    def forward(self, x, t):
-        return self.net(torch.cat([x, t[:, None].to(x)], dim=1)) - x  # -x: keep the flow contracting
-
-
 def _joint_rms(state):
     """scipy's error norm: one RMS over every entry of the (x, delta) state (torchdiffeq's default is the
     max of per-part RMS norms, which keeps delta's error from being diluted by the D entries of x)."""
     return torch.cat([s.reshape(-1) for s in state]).pow(2).mean().sqrt()
 
 
-def _median_of(repeats, fn):
-    fn()  # warm-up: lazy initialisation and allocator caches are not what we measure
-    walls, cpus, out = [], [], None
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus), out
+def _gmm_workload(dim: int, batch: int):
+    g = torch.Generator().manual_seed(0)
+    sde = VPSDE()
+    gm = GaussianMixture(0.6 * torch.randn(4, dim, generator=g), stds=0.2 + 0.3 * torch.rand(4, dim, generator=g))
+    x = gm.sample(batch, g).clamp(-1, 1)
+    return gm.score_fn(sde), sde, x, {"levels": 256, "scale": 2.0}
+
+
+def _digits_mlp_workload(steps: int, batch: int):
+    """The default digits MLP, trained here with plain DSM on dequantized digits (as experiments/train.py)."""
+    torch.manual_seed(0)
+    sde = VPSDE()
+    train, test = load_dataset("digits"), load_dataset("digits", split="test")
+    model = ScoreModel(MLP(64), sde)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = dequantized(dsm_loss, levels=train.levels)
+    g = torch.Generator().manual_seed(0)
+    data = train.data.flatten(1)
+    for _ in range(steps):
+        x0 = data[torch.randint(0, data.shape[0], (128,), generator=g)]
+        loss = loss_fn(model, sde, x0, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval().requires_grad_(False)
+    y = dequantize(test.data.flatten(1)[:batch], test.levels, generator=torch.Generator().manual_seed(2))
+    return model, sde, y, test.bpd_options()
+
+
+def _checkpoint_workload(path: str, batch: int):
+    """A model written by experiments/train.py, scored on its data set's dequantized test split."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common.models import build_model, build_sde
+    from omegaconf import OmegaConf
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = OmegaConf.create(ckpt["config"])
+    sde = build_sde(cfg)
+    model = build_model(cfg, sde)
+    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    model.eval().requires_grad_(False)
+    test = load_dataset(cfg.data.name, split="test")
+    y = dequantize(test.data[:batch], test.levels, generator=torch.Generator().manual_seed(2))
+    return model, sde, y, test.bpd_options()
+
+
+def _bpd(logp, x, opts):
+    return bits_per_dim(logp.double(), x[0].numel(), levels=int(opts["levels"]), scale=opts["scale"])
+
+
+def _timed(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def _run_workload(name, score_fn, sde, x, bpd_opts, repeats):
+    probes = PROBES["rademacher"]((1, *x.shape), x, torch.Generator().manual_seed(1))
+
+    def ours(norm=None):
+        opts = None if norm is None else {"norm": norm}
+        res = log_likelihood(score_fn, sde, x, generator=torch.Generator().manual_seed(1), options=opts)
+        return res.logp, res.nfe, res.nfe
+
+    routes = {
+        "score_sde_pytorch route (scipy RK45, numpy, `ones(B) * t`)": lambda: reference_log_likelihood(
+            score_fn, sde, x, probes[0]
+        ),
+        "same route, t as a shared view": lambda: reference_log_likelihood(
+            score_fn, sde, x, probes[0], shared_t=True
+        ),
+        "**ours** (dopri5, default error norm)": ours,
+        "ours (dopri5, scipy's joint norm)": lambda: ours(_joint_rms),
+    }
+    times = {k: ([], []) for k in routes}
+    outs = {}
+    for rep in range(repeats + 1):  # round 0 is the warm-up: lazy init and allocator caches
+        for label, fn in routes.items():
+            wall, cpu, outs[label] = _timed(fn)
+            if rep:
+                times[label][0].append(wall)
+                times[label][1].append(cpu)
+    rows = []
+    base = next(iter(routes))
+    ref_wall, ref_cpu = (statistics.median(v) for v in times[base])
+    ref_bpd = _bpd(outs[base][0], x, bpd_opts)
+    for label in routes:
+        logp, calls, evals = outs[label]
+        wall, cpu = (statistics.median(v) for v in times[label])
+        bpd = _bpd(logp, x, bpd_opts)
+        diffs = "| | |" if label == base else (
+            f"| {(bpd.mean() - ref_bpd.mean()).abs().item():.1e} | {(bpd - ref_bpd).abs().max().item():.1e} |"
+        )
+        rows.append(
+            f"| {name} | {label} | {calls} | {evals} | {wall:.3f} | {cpu:.3f} | {bpd.mean().item():.4f} {diffs} "
+            f"{ref_wall / wall:.2f}x / {ref_cpu / cpu:.2f}x |"
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=256, help="width of the MLP score network")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128, help="samples per likelihood batch")
+    parser.add_argument("--dim", type=int, default=64, help="dimension of the Gaussian-mixture workload")
+    parser.add_argument("--train-steps", type=int, default=2000, help="training steps of the digits MLP")
+    parser.add_argument("--checkpoint", action="append", default=[], help="a train.py checkpoint (repeatable)")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    D, B, sde = args.dim, args.batch, VPSDE()
-    means = 0.6 * torch.randn(4, D, generator=g)
-    gm = GaussianMixture(means, stds=0.2 + 0.3 * torch.rand(4, D, generator=g))
-    torch.manual_seed(0)
-    net = _TinyScoreNet(D, args.hidden).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    workloads = {f"GMM oracle, D={D}": gm.score_fn(sde), f"MLP {args.hidden} wide (untrained), D={D}": net}
-    x = gm.sample(B, g).clamp(-1, 1)
+    workloads = {
+        f"GMM oracle, D={args.dim}": partial(_gmm_workload, args.dim, args.batch),
+        f"digits MLP ({args.train_steps} steps), D=64": partial(_digits_mlp_workload, args.train_steps, args.batch),
+    }
+    for path in args.checkpoint:
+        workloads[f"checkpoint {Path(path).parent.name}/{Path(path).name}"] = partial(
+            _checkpoint_workload, path, args.batch
+        )
     rows = [
         "| workload | route | score evals | ODE evals | wall (s) | CPU (s) | mean bits/dim | diff of means (bpd) "
         "| max per-sample diff (bpd) | speed-up (wall / CPU) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, score_fn in workloads.items():
-        probes = PROBES["rademacher"]((1, B, D), x, torch.Generator().manual_seed(1))
-
-        def ours(score_fn=score_fn):
-            return log_likelihood(score_fn, sde, x, generator=torch.Generator().manual_seed(1))
-
-        def ref(score_fn=score_fn, probes=probes):
-            return reference_log_likelihood(score_fn, sde, x, probes[0])
-
-        def ours_joint(score_fn=score_fn):
-            return log_likelihood(
-                score_fn, sde, x, generator=torch.Generator().manual_seed(1), options={"norm": _joint_rms}
-            )
-
-        t_ref, c_ref, (logp_ref, calls_ref, nfev_ref) = _median_of(args.repeats, ref)
-        bpd_ref = bits_per_dim(logp_ref, D)
-        rows.append(
-            f"| {name} | score_sde_pytorch route (scipy RK45, numpy) | {calls_ref} | {nfev_ref} | "
-            f"{t_ref:.3f} | {c_ref:.3f} | {bpd_ref.mean().item():.4f} | | | 1.0x / 1.0x |"
-        )
-        variants = (("ours (dopri5, default error norm)", ours), ("ours (dopri5, scipy's joint norm)", ours_joint))
-        for label, fn in variants:
-            t_ours, c_ours, res = _median_of(args.repeats, fn)
-            bpd = bits_per_dim(res.logp, D)
-            rows.append(
-                f"| {name} | {label} | {res.nfe} | {res.nfe} | {t_ours:.3f} | {c_ours:.3f} | {bpd.mean().item():.4f} "
-                f"| {(bpd.mean() - bpd_ref.mean()).abs().item():.1e} | {(bpd - bpd_ref).abs().max().item():.1e} | "
-                f"{t_ref / t_ours:.1f}x / {c_ref / c_ours:.1f}x |"
-            )
+    for name, build in workloads.items():
+        score_fn, sde, x, bpd_opts = build()
+        rows += _run_workload(name, score_fn, sde, x, bpd_opts, args.repeats)
+        print(rows[-1], file=sys.stderr, flush=True)
     print(
-        f"B={B}, D={D}, VP SDE, Hutchinson (1 Rademacher probe, same probes), rtol=atol=1e-5, eps=1e-5, "
-        f"float32, torch threads={args.threads}, median of {args.repeats}\n"
+        f"B={args.batch}, VP SDE, Hutchinson (1 Rademacher probe, same probes), rtol=atol=1e-5, eps=1e-5, "
+        f"float32, torch threads={args.threads}, median of {args.repeats} interleaved runs after a warm-up\n"
     )
     print("\n".join(rows))
 

@@ -9,6 +9,8 @@ Tables:
   kl3072   - the issue's target: diagonal Gaussian data in 3072 dims, VP SDE, exact score,
              20 NFE: exact KL(output || data) of each deterministic solver.
   overhead - per-step sampler time beyond the network's own forward, on CPU.
+  shared_time - forward time of the default nets when the batch shares one time (a stride-0
+             view, as the samplers pass it) versus one time per row.
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ def table_overhead(args) -> None:
 
     steps = args.overhead_steps
     with torch.no_grad():
-        net(x, torch.ones(args.batch))
+        shared_one = torch.ones(1).expand(args.batch)  # one time for the batch, as the samplers pass it
+        net(x, shared_one)
         sample(score_fn, sde, x, "ddim", steps=2)  # warm-up: first calls pay one-off allocation costs
         rows = []
         for name, opts in (("ddim", dict(steps=steps, denoise_final=False)),
@@ -195,7 +198,7 @@ def table_overhead(args) -> None:
                 t_samp = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 for _ in range(nfe):
-                    net(x, torch.ones(args.batch))
+                    net(x, shared_one)
                 t_net = time.perf_counter() - t0
                 best = min(best, (t_samp - t_net) / t_net)
             rows.append((name, nfe, best))
@@ -207,15 +210,59 @@ def table_overhead(args) -> None:
         print(f"| {name} | {nfe} | {100 * over:.1f}% |")
 
 
+def table_shared_time(args) -> None:
+    """Forward time of the default nets with one time per row (``ones(B) * t``, score_sde's
+    convention) versus one shared element viewed B times (what our samplers and the ODE pass)."""
+    from sde.models import ScoreModel
+    from sde.nets import MLP, UNet
+
+    sde, batch = VPSDE(), 128
+    nets = {
+        "MLP(64) (default digits MLP, 0.92M params)": (MLP(64), (batch, 64)),
+        "UNet 1x8x8 (default digits U-Net)": (
+            UNet(in_channels=1, base_channels=32, channel_mults=(1, 2), attn_resolutions=(4,), image_size=8),
+            (batch, 1, 8, 8),
+        ),
+    }
+    print(f"\n### Score-model forward per call, batch {batch}, CPU, median of {args.shared_calls} calls\n")
+    print("| model | `ones(B) * t` (ms) | shared view (ms) | speed-up | with backward: per row / shared (ms) |")
+    print("|---|---|---|---|---|")
+    for name, (net, shape) in nets.items():
+        model = ScoreModel(net, sde).eval().requires_grad_(False)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        per_row, shared = torch.ones(batch) * 0.3, torch.full((1,), 0.3).expand(batch)
+        cells = []
+        for grad in (False, True):
+            for t in (per_row, shared):
+                def call(t=t, grad=grad, model=model, x=x):
+                    if not grad:
+                        with torch.no_grad():
+                            return model(x, t)
+                    xx = x.detach().requires_grad_(True)
+                    return torch.autograd.grad(model(xx, t).sum(), xx)
+                call()
+                walls = []
+                for _ in range(args.shared_calls):
+                    t0 = time.perf_counter()
+                    call()
+                    walls.append(time.perf_counter() - t0)
+                cells.append(1e3 * sorted(walls)[len(walls) // 2])
+        print(f"| {name} | {cells[0]:.2f} | {cells[1]:.2f} | {cells[0] / cells[1]:.2f}x "
+              f"| {cells[2]:.2f} / {cells[3]:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["quality", "kl3072", "overhead"], default=None, help="run one table")
+    p.add_argument("--only", choices=["quality", "kl3072", "overhead", "shared_time"], default=None,
+                   help="run one table")
     p.add_argument("--n", type=int, default=500, help="samples for the 2-D mixture table")
     p.add_argument("--batch", type=int, default=4, help="batch of the overhead table")
     p.add_argument("--overhead-steps", type=int, default=6, help="steps of the overhead table")
     p.add_argument("--repeats", type=int, default=2, help="timing repeats (best is kept)")
+    p.add_argument("--shared-calls", type=int, default=50, help="calls timed per cell of the shared_time table")
     args = p.parse_args()
-    tables = {"quality": table_quality, "kl3072": table_kl3072, "overhead": table_overhead}
+    tables = {"quality": table_quality, "kl3072": table_kl3072, "overhead": table_overhead,
+              "shared_time": table_shared_time}
     for name, fn in tables.items():
         if args.only in (None, name):
             fn(args)

@@ -74,9 +74,11 @@ def as_time(t: float | Tensor, like: Tensor, T: float, *, batch: int | None = No
             t = t.reshape(1).expand(batch)
         elif t.dim() != 1 or t.shape[0] not in (1, batch):
             raise ValueError(f"t must be a float or a tensor of shape ({batch},), got shape {tuple(t.shape)}")
-        elif t.shape[0] == 1 and batch != 1:
-            t = t.expand(batch)
-        t = t.to(device=like.device, dtype=like.dtype if like.is_floating_point() else t.dtype)
+        dtype = like.dtype if like.is_floating_point() else t.dtype
+        if t.shape[0] == 1 or shared_time(t) is not t:  # one time for the batch: convert it once, keep the view
+            t = t[:1].to(device=like.device, dtype=dtype).expand(batch)
+        else:
+            t = t.to(device=like.device, dtype=dtype)
         if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() > T * (1 + 1e-6)):
             raise ValueError(f"t must lie in [0, {T}], got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
         return t
@@ -85,7 +87,18 @@ def as_time(t: float | Tensor, like: Tensor, T: float, *, batch: int | None = No
     if not (0.0 <= t <= T * (1 + 1e-6)):
         raise ValueError(f"t must lie in [0, {T}], got {t}")
     dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
-    return torch.full((batch,), float(t), device=like.device, dtype=dtype)
+    return torch.full((1,), float(t), device=like.device, dtype=dtype).expand(batch)
+
+
+def shared_time(t: Tensor) -> Tensor:
+    """``t[:1]`` when a (B,) time tensor is one element viewed B times (stride 0), else ``t``.
+
+    Samplers and the likelihood ODE pass one time for the whole batch as such a view (see
+    ``as_time``), so score models can compute time-only terms (alpha, sigma, the noise
+    embedding and its projections) once per call instead of once per row; they broadcast back.
+    A materialized (B,) tensor is never inspected by value (that would cost a device sync).
+    """
+    return t[:1] if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) == 0 else t
 
 
 def bcast(v: Tensor, x: Tensor) -> Tensor:

@@ -120,7 +120,7 @@ def _pf_velocity(
     The clamp only matters for the trial evaluation of the solvers' initial step-size heuristic,
     which may probe past the interval; accepted steps end on it exactly (see ``_solve``).
     """
-    tb = t.clamp(lo, hi).reshape(1).expand(x.shape[0]).to(x.dtype)
+    tb = t.clamp(lo, hi).to(x.dtype).reshape(1).expand(x.shape[0])  # a shared view: see _checks.shared_time
     return sde.drift(x, tb) - 0.5 * bcast(sde.diffusion(tb) ** 2, x) * score(x, tb)
 
 

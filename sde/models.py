@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_time, bcast, check_choice, check_positive
+from ._checks import as_time, bcast, check_choice, check_positive, shared_time
 from .sdes import SDE
 
 __all__ = ["ScoreModel", "PARAMETRIZATIONS", "ConditionalScore", "drop_labels"]
@@ -102,9 +102,10 @@ class ScoreModel(nn.Module):
     def forward(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
         """The score grad_x log p_t(x | y) (unconditional, i.e. the null class, when y is None)."""
         t = as_time(t, x, self.sde.T)
-        a, s = bcast(self.sde.alpha(t), x), bcast(self.sde.sigma(t), x)
+        tc = shared_time(t)  # (1,) when the whole batch shares one time: coefficients computed once
+        a, s = bcast(self.sde.alpha(tc), x), bcast(self.sde.sigma(tc), x)
         c_in = torch.rsqrt(s**2 + (a * self.sigma_data) ** 2)
-        label = -self.sde.log_snr(t) / 8.0  # = noise_label(t)
+        label = (-self.sde.log_snr(tc) / 8.0).expand(t.shape)  # = noise_label(t), still a shared view
         out = self.net(c_in * x, label) if y is None else self.net(c_in * x, label, y)
         return PARAMETRIZATIONS[self.parametrization](out, x, a, s, self.sigma_data)
 

@@ -117,3 +117,61 @@ def test_embeddings():
     torch.testing.assert_close(GaussianFourierEmbedding(16)(c), GaussianFourierEmbedding(16)(c))  # seeded
     with pytest.raises(ValueError, match="even"):
         PositionalEmbedding(5)
+
+
+# -- one time shared by the batch (stride-0 view): computed once, same output ----------------------------
+def _shared_models():
+    from sde import VPSDE
+    from sde.models import ScoreModel
+
+    torch.manual_seed(0)
+    mlp = MLP(5, hidden=32, depth=2, num_classes=3)
+    unet = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2), attn_resolutions=(4,), image_size=8,
+                num_classes=3)
+    return [(ScoreModel(mlp, VPSDE()), (6, 5)), (ScoreModel(unet, VPSDE()), (6, 1, 8, 8))]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["mlp", "unet"])
+@pytest.mark.parametrize("labels", [False, True])
+def test_shared_time_is_embedded_once_with_the_same_output(index, labels):
+    model, shape = _shared_models()[index]
+    model.eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model.double()
+    y = torch.tensor([0, 1, 2, 3, 1, 0]) if labels else None
+    seen = []
+    model.net.embed.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    per_row = model(x, torch.full((6,), 0.37, dtype=torch.float64), y)
+    shared = model(x, torch.full((1,), 0.37, dtype=torch.float64).expand(6), y)
+    as_float = model(x, 0.37, y)
+    assert seen == [(6,), (1,), (1,)]  # the shared view reaches the net as one row
+    torch.testing.assert_close(shared, per_row, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(as_float, per_row, rtol=1e-12, atol=1e-12)
+    # gradients with respect to x agree too (what the likelihood's divergence differentiates)
+    g = [torch.autograd.grad(model(xx, t, y).sum(), xx)[0]
+         for t in (torch.full((6,), 0.37, dtype=torch.float64), torch.full((1,), 0.37, dtype=torch.float64).expand(6))
+         for xx in [x.clone().requires_grad_(True)]]
+    torch.testing.assert_close(g[1], g[0], rtol=1e-12, atol=1e-12)
+
+
+def test_shared_time_views_and_distinct_times():
+    from sde._checks import as_time, shared_time
+    from sde.samplers._base import times
+
+    x = torch.zeros(4, 3)
+    for t in (as_time(0.5, x, 1.0), as_time(torch.tensor(0.5), x, 1.0), as_time(torch.tensor([0.5]), x, 1.0),
+              times(0.5, x)):
+        assert t.shape == (4,) and t.stride(0) == 0 and shared_time(t).shape == (1,)
+        assert torch.equal(t, torch.full((4,), 0.5))
+    distinct = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    kept = as_time(distinct, x, 1.0)
+    assert kept.stride(0) == 1 and shared_time(kept) is kept and torch.equal(kept, distinct)
+    same_values = torch.full((4,), 0.5)  # equal values, but materialized: never inspected by value
+    assert shared_time(same_values) is same_values
+    assert shared_time(torch.full((1,), 0.5)).shape == (1,)
+    # a per-row batch of times still gets per-row embeddings (training draws one t per sample)
+    model, shape = _shared_models()[0]
+    xb = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    outs = model(xb, torch.linspace(0.1, 0.9, 6))
+    rows = torch.cat([model(xb[i : i + 1], float(t)) for i, t in enumerate(torch.linspace(0.1, 0.9, 6))])
+    torch.testing.assert_close(outs, rows, rtol=1e-5, atol=1e-5)

@@ -80,8 +80,8 @@ class ClassEmbedding(nn.Module):
         self.table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        if y is None:
-            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if y is None:  # the null class for every row: one (1, dim) row that broadcasts
+            return self.table(torch.full((1,), self.num_classes, dtype=torch.long, device=device))
         return self.table(y)
 
 

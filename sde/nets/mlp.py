@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, shared_time
 from .embeddings import EMBEDDINGS, ClassEmbedding, check_net_inputs
 
 __all__ = ["MLP"]
@@ -71,7 +71,7 @@ class MLP(nn.Module):
         noise_label = check_net_inputs(x, noise_label, y, self.num_classes)
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
-        emb = self.embed(noise_label)
+        emb = self.embed(shared_time(noise_label))  # (1, C) when the batch shares one time; broadcasts
         if self.class_embed is not None:
             emb = emb + self.class_embed(y, x.shape[0], x.device)
         emb = nn.functional.silu(emb)

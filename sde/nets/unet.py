@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, shared_time
 from .embeddings import EMBEDDINGS, ClassEmbedding, check_net_inputs
 
 __all__ = ["UNet"]
@@ -175,7 +175,7 @@ class UNet(nn.Module):
         expected = (self.in_channels, *self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        emb = self.embed(noise_label)
+        emb = self.embed(shared_time(noise_label))  # (1, C) when the batch shares one time; broadcasts
         if self.class_embed is not None:
             emb = emb + self.class_embed(y, x.shape[0], x.device)
         emb = nn.functional.silu(emb)

@@ -68,8 +68,9 @@ def check_common(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None) ->
 
 
 def times(t: float, x: Tensor) -> Tensor:
-    """A (B,) time tensor on x's device and dtype."""
-    return x.new_full((x.shape[0],), t)
+    """A (B,) time tensor on x's device and dtype: one element viewed B times, so score models
+    compute time-only terms once per call (see ``sde._checks.shared_time``)."""
+    return x.new_full((1,), t).expand(x.shape[0])
 
 
 def tweedie(sde: SDE, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
