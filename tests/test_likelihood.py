@@ -9,7 +9,15 @@ import torch
 
 from sde import VESDE, VPSDE, GaussianMixture, SubVPSDE
 from sde.interpolation import interpolate, lerp, slerp
-from sde.likelihood import bits_per_dim, dataset_bits_per_dim, decode, encode, log_likelihood
+from sde.likelihood import (
+    bits_per_dim,
+    dataset_bits_per_dim,
+    decode,
+    encode,
+    joint_rms_norm,
+    log_likelihood,
+    mixed_rms_norm,
+)
 
 F64 = torch.float64
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": lambda: VESDE(sigma_max=50.0)}
@@ -55,6 +63,24 @@ def test_gaussian_exact_divergence_matches_closed_form(name):
     gm0 = _gaussian(3, 0, mean_scale=0.0)
     res0 = log_likelihood(gm0.score_fn(sde), sde, x, divergence="exact")
     assert (res0.logp - gm0.log_prob(x)).abs().max() < 1e-3 * D
+
+
+def test_error_norms_default_is_the_joint_rms_and_both_are_exact():
+    """The default step control is scipy's one RMS over (x, delta); the mixed norm takes more steps."""
+    sde, gm, D = VPSDE(), _gaussian(8, 3), 8
+    x = gm.sample(16, torch.Generator().manual_seed(4))
+    want, _ = _model_logp_closed_form(gm, sde, x, 1e-5)
+    default = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact")
+    joint = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact", options={"norm": joint_rms_norm})
+    mixed = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact", options={"norm": mixed_rms_norm})
+    assert default.nfe == joint.nfe and torch.allclose(default.logp, joint.logp, rtol=0, atol=1e-9)
+    assert mixed.nfe > default.nfe  # delta controlled on its own costs steps
+    for res in (default, mixed):
+        assert (res.logp - want).abs().max() < 1e-3 * D
+    # the norms themselves: one RMS over all entries vs the max of the two parts' RMS
+    xs, ds = torch.full((2, 3), 2.0, dtype=F64), torch.zeros(2, dtype=F64)
+    assert joint_rms_norm((xs, ds)).item() == pytest.approx(math.sqrt(4 * 6 / 8))
+    assert mixed_rms_norm((xs, ds)).item() == pytest.approx(2.0)
 
 
 def test_prior_mismatch_is_real_and_corrected():
