@@ -251,14 +251,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.loss_fn(self._train_model, self.sde, x0, **kwargs)
-        loss_value = self._global_mean(loss.detach())
+        loss.backward()  # a non-finite loss only spoils gradients that are never applied (checked below)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, change nothing
+        loss_value, grad_norm = self._host_values(loss.detach(), nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value} at step {self.step + 1}; stopped before applying it "
                                      f"(last good checkpoint kept: {self._latest_name()})")
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, change nothing
-        grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}; stopped before applying "
                                      f"it (last good checkpoint kept: {self._latest_name()})")
@@ -267,12 +266,14 @@ class Trainer:
         self.step += 1
         return loss_value, grad_norm, lr
 
-    def _global_mean(self, value: Tensor) -> float:
-        value = value.to(torch.float64, copy=True)  # logged/averaged in float64 whatever the training dtype
+    def _host_values(self, loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
+        """(loss averaged over all ranks, gradient norm) as Python floats: one host sync per step."""
+        loss = loss.to(torch.float64, copy=True)  # logged/averaged in float64 whatever the training dtype
         if self.dist.distributed:  # equal per-rank batches: mean of rank means = mean over the global batch
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.dist.world_size
-        return float(value)
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss /= self.dist.world_size
+        loss_value, grad_norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()
+        return loss_value, grad_norm_value
 
     def _evaluate(self) -> bool:
         if not self.dist.is_main or not self.callbacks:
