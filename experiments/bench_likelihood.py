@@ -43,6 +43,7 @@ from sde.likelihood import PROBES, bits_per_dim, log_likelihood, mixed_rms_norm 
 from sde.losses import dequantize, dequantized, dsm_loss  # noqa: E402
 from sde.models import ScoreModel  # noqa: E402
 from sde.nets import MLP  # noqa: E402
+from sde.training import TrainConfig, Trainer  # noqa: E402
 
 
 def reference_log_likelihood(score_fn, sde, x, probes, *, rtol=1e-5, atol=1e-5, eps=1e-5, shared_t=False):
@@ -96,22 +97,17 @@ def _gmm_workload(dim: int, batch: int):
 
 
 def _digits_mlp_workload(steps: int, batch: int):
-    """The default digits MLP, trained here with plain DSM on dequantized digits (as experiments/train.py)."""
-    torch.manual_seed(0)
+    """The default digits MLP, trained here with the library's Trainer on dequantized digits, as
+    experiments/train.py does (plain DSM, lr 1e-3, EMA 0.999); the EMA weights are scored."""
     sde = VPSDE()
     train, test = load_dataset("digits"), load_dataset("digits", split="test")
-    model = ScoreModel(MLP(64), sde)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = dequantized(dsm_loss, levels=train.levels)
-    g = torch.Generator().manual_seed(0)
-    data = train.data.flatten(1)
-    for _ in range(steps):
-        x0 = data[torch.randint(0, data.shape[0], (128,), generator=g)]
-        loss = loss_fn(model, sde, x0, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval().requires_grad_(False)
+    torch.manual_seed(0)
+    config = TrainConfig(total_steps=steps, batch_size=128, lr=1e-3, warmup_steps=100, ema_decay=0.999,
+                         log_every=10**9, ckpt_every=0, progress=False)
+    trainer = Trainer(ScoreModel(MLP(64), sde), sde, train.data.flatten(1), config,
+                      loss_fn=dequantized(dsm_loss, levels=train.levels))
+    trainer.fit()
+    model = trainer.ema.model.eval().requires_grad_(False)
     y = dequantize(test.data.flatten(1)[:batch], test.levels, generator=torch.Generator().manual_seed(2))
     return model, sde, y, test.bpd_options()
 
@@ -119,18 +115,14 @@ def _digits_mlp_workload(steps: int, batch: int):
 def _checkpoint_workload(path: str, batch: int):
     """A model written by experiments/train.py, scored on its data set's dequantized test split."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common.models import build_model, build_sde
+    from _common.models import load_checkpoint
     from omegaconf import OmegaConf
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = OmegaConf.create(ckpt["config"])
-    sde = build_sde(cfg)
-    model = build_model(cfg, sde)
-    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-    model.eval().requires_grad_(False)
+    request = OmegaConf.create({"task": "likelihood", "score": {"path": path}, "sde": {}, "model": {}, "data": {}})
+    model, cfg, _ = load_checkpoint(request, [], torch.device("cpu"), torch.float32)
     test = load_dataset(cfg.data.name, split="test")
     y = dequantize(test.data[:batch], test.levels, generator=torch.Generator().manual_seed(2))
-    return model, sde, y, test.bpd_options()
+    return model, model.sde, y, test.bpd_options()
 
 
 def _bpd(logp, x, opts):

@@ -79,7 +79,8 @@ def as_time(t: float | Tensor, like: Tensor, T: float, *, batch: int | None = No
             t = t[:1].to(device=like.device, dtype=dtype).expand(batch)
         else:
             t = t.to(device=like.device, dtype=dtype)
-        if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() > T * (1 + 1e-6)):
+        tc = shared_time(t)  # one element to check when the batch shares it
+        if t.device.type == "cpu" and tc.numel() and (tc.min() < 0 or tc.max() > T * (1 + 1e-6)):
             raise ValueError(f"t must lie in [0, {T}], got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
         return t
     if not isinstance(t, (int, float)) or isinstance(t, bool):

@@ -279,17 +279,22 @@ def log_likelihood(
     return LikelihoodResult(torch.cat(logps), torch.cat(zs), score.calls, score.calls * n_vjp_per_eval)
 
 
-def _flow(score_fn: ScoreFn, sde: SDE, x: Tensor, t0: float, t1: float, desc: str, ode: dict) -> Tensor:
-    """Integrate the PF-ODE alone (no divergence) from t0 to t1, mini-batch by mini-batch."""
+def _flow(score_fn: ScoreFn, sde: SDE, x: Tensor, name: str, to_latent: bool, *, method: str, rtol: float,
+          atol: float, eps: float, batch_size: int | None, progress: bool, options: dict | None) -> Tensor:
+    """Integrate the PF-ODE alone (no divergence) between eps and T, mini-batch by mini-batch:
+    eps -> T when ``to_latent`` (encode), T -> eps otherwise (decode). ``name`` is x's argument name."""
+    check_tensor(name, x, 2)
+    _check_ode(sde, method, rtol, atol, eps)
+    t0, t1 = (eps, sde.T) if to_latent else (sde.T, eps)
 
     def func(t: Tensor, xt: Tensor) -> Tensor:
-        return _pf_velocity(score_fn, sde, xt, t, min(t0, t1), max(t0, t1))
+        return _pf_velocity(score_fn, sde, xt, t, eps, sde.T)
 
     out = []
-    starts, size = _chunks(x, ode["batch_size"], ode["progress"], desc)
+    starts, size = _chunks(x, batch_size, progress, "encode" if to_latent else "decode")
     for start in starts:
         xb = x[start : start + size]
-        out.append(_solve(func, xb, t0, t1, xb, ode["method"], ode["rtol"], ode["atol"], ode["options"])[-1])
+        out.append(_solve(func, xb, t0, t1, xb, method, rtol, atol, options)[-1])
     return torch.cat(out)
 
 
@@ -311,10 +316,8 @@ def encode(
     Args: as :func:`log_likelihood`. Returns: z shaped like x.
     Raises: ValueError for a bad method, rtol/atol <= 0, eps outside (0, T).
     """
-    check_tensor("x", x, 2)
-    _check_ode(sde, method, rtol, atol, eps)
-    ode = dict(method=method, rtol=rtol, atol=atol, options=options, batch_size=batch_size, progress=progress)
-    return _flow(score_fn, sde, x, eps, sde.T, "encode", ode)
+    return _flow(score_fn, sde, x, "x", True, method=method, rtol=rtol, atol=atol, eps=eps, batch_size=batch_size,
+                 progress=progress, options=options)
 
 
 def decode(
@@ -335,10 +338,8 @@ def decode(
     Args: as :func:`log_likelihood`. Returns: x shaped like z.
     Raises: ValueError for a bad method, rtol/atol <= 0, eps outside (0, T).
     """
-    check_tensor("z", z, 2)
-    _check_ode(sde, method, rtol, atol, eps)
-    ode = dict(method=method, rtol=rtol, atol=atol, options=options, batch_size=batch_size, progress=progress)
-    return _flow(score_fn, sde, z, sde.T, eps, "decode", ode)
+    return _flow(score_fn, sde, z, "z", False, method=method, rtol=rtol, atol=atol, eps=eps, batch_size=batch_size,
+                 progress=progress, options=options)
 
 
 # -- bits per dimension -------------------------------------------------------------------------------
