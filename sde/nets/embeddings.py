@@ -79,9 +79,10 @@ class ClassEmbedding(nn.Module):
         self.num_classes = check_int("num_classes", num_classes, 1)
         self.table = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        if y is None:  # the null class for every row: one (1, dim) row that broadcasts
-            return self.table(torch.full((1,), self.num_classes, dtype=torch.long, device=device))
+    def forward(self, y: Tensor | None) -> Tensor:
+        """(B, dim) class vectors for labels y, or one (1, dim) null-class row that broadcasts for y=None."""
+        if y is None:
+            return self.table.weight[self.num_classes :]
         return self.table(y)
 
 

@@ -73,7 +73,7 @@ class MLP(nn.Module):
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         emb = self.embed(shared_time(noise_label))  # (1, C) when the batch shares one time; broadcasts
         if self.class_embed is not None:
-            emb = emb + self.class_embed(y, x.shape[0], x.device)
+            emb = emb + self.class_embed(y)
         emb = nn.functional.silu(emb)
         h = self.inp(x)
         for block in self.blocks:
