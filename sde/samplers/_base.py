@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import bcast, check_int, check_open_interval, check_tensor
+from .._checks import check_int, check_open_interval, check_tensor
+from ..flow import tweedie
 from ..sdes import SDE, VESDE, ScoreFn
 
 Callback = Callable[[dict], None]
@@ -71,11 +72,6 @@ def times(t: float, x: Tensor) -> Tensor:
     """A (B,) time tensor on x's device and dtype: one element viewed B times, so score models
     compute time-only terms once per call (see ``sde._checks.shared_time``)."""
     return x.new_full((1,), t).expand(x.shape[0])
-
-
-def tweedie(sde: SDE, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
-    """E[x_0 | x_t] = (x + sigma^2 score) / alpha (Tweedie's formula, Efron 2011)."""
-    return (x + bcast(sde.sigma(t) ** 2, x) * score) / bcast(sde.alpha(t), x)
 
 
 def denoise_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: float) -> Tensor:
