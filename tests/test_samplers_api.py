@@ -197,3 +197,62 @@ def test_ddpm_chain_with_too_few_steps_fails_before_sampling(sampler, extra):
     assert not calls  # rejected at the entry point, not after a wasted run
     res = sample(score, VPSDE(), (4, 2), sampler=sampler, steps=25, **extra)  # beta_max / 25 < 1 is fine
     assert torch.isfinite(res.x).all()
+
+
+EXPLICIT_CASES = [  # fixed-step samplers: a named grid and the same times given explicitly
+    ("euler_maruyama", dict(steps=7)),
+    ("ancestral", dict(steps=5)),
+    ("pc", dict(steps=5, predictor="ancestral")),
+    ("ode", dict(method="rk4", steps=3)),
+    ("ddim", dict(steps=9, eta=0.5)),
+    ("heun", dict(steps=4)),
+    ("dpm_solver", dict(steps=6, order=3)),
+    ("dpm_solver", dict(steps=6, order=2, method="singlestep")),
+]
+
+
+@pytest.mark.parametrize("name,opts", EXPLICIT_CASES)
+def test_explicit_grid_equals_named_grid(name, opts):
+    sde = VPSDE()
+    grid = SAMPLERS[name].__kwdefaults__["grid"]
+    ts = time_grid(sde, opts["steps"], 1e-3, grid)
+    x_T = sde.prior_sampling((16, 2), generator=torch.Generator().manual_seed(1), dtype=F64)
+    named = sample(GM.score_fn(sde), sde, x_T, name, generator=torch.Generator().manual_seed(2), eps=1e-3, **opts)
+    rest = {k: v for k, v in opts.items() if k != "steps"}
+    given = sample(GM.score_fn(sde), sde, x_T, name, generator=torch.Generator().manual_seed(2), grid=ts, **rest)
+    assert torch.equal(named.x, given.x) and named.nfe == given.nfe
+    as_tensor = sample(GM.score_fn(sde), sde, x_T, name, generator=torch.Generator().manual_seed(2),
+                       grid=torch.tensor(ts, dtype=F64), **rest)
+    assert torch.equal(named.x, as_tensor.x)
+
+
+def test_explicit_grid_may_start_below_T():
+    sde = VPSDE()
+    x = sde.prior_sampling((8, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
+    res = sample(GM.score_fn(sde), sde, x, "ddim", grid=[0.9, 0.5, 0.1, 1e-3])
+    assert res.nfe == 4 and res.options["steps"] == 3 and res.options["eps"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    "grid,extra,match",
+    [
+        ([1.0], {}, "at least 2"),
+        ([1.0, 0.5, 0.7], {}, "strictly decreasing"),
+        ([1.0, float("nan")], {}, "finite"),
+        ([1.5, 0.5], {}, r"\(0, 1.0\]"),
+        ([1.0, 0.0], {}, r"\(0, 1.0\]"),
+        ([1.0, 0.5, 0.1], {"steps": 5}, "steps=5 contradicts"),
+        ([1.0, 0.5, 0.1], {"eps": 0.2}, "eps=0.2 contradicts"),
+        (torch.ones(2, 2), {}, "1-D"),
+    ],
+)
+def test_explicit_grid_bad_input(grid, extra, match):
+    sde = VPSDE()
+    with pytest.raises(ValueError, match=match):
+        sample(GM.score_fn(sde), sde, (4, 2), "ddim", grid=grid, **extra)
+
+
+def test_explicit_grid_wrong_type():
+    sde = VPSDE()
+    with pytest.raises(TypeError, match="grid must be a name"):
+        sample(GM.score_fn(sde), sde, (4, 2), "ddim", grid={"a": 1})

@@ -57,15 +57,14 @@ def default_eps(sde: SDE) -> float:
     return DEFAULT_EPS_VE if isinstance(sde, VESDE) else DEFAULT_EPS_VP
 
 
-def check_common(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None) -> float:
-    """Validate the shared arguments; returns eps with its default filled in."""
+def check_common(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None) -> float | None:
+    """Validate the shared arguments; returns eps (None stays None: the grid decides it)."""
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an SDE (VPSDE, SubVPSDE, VESDE), got {type(sde).__name__}")
     check_tensor("x_T", x_T, 1)
     if steps is not None:
         check_int("steps", steps, 1)
-    eps = default_eps(sde) if eps is None else eps
-    return check_open_interval("eps", eps, 0.0, sde.T)
+    return None if eps is None else check_open_interval("eps", eps, 0.0, sde.T)
 
 
 def times(t: float, x: Tensor) -> Tensor:

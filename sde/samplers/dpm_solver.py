@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice
 from ..sdes import SDE, ScoreFn
 from ._base import (
     Callback,
@@ -30,7 +30,7 @@ from ._base import (
     steps_iter,
     times,
 )
-from .grids import time_grid
+from .grids import Grid, sampler_grid
 
 PREDICTIONS = {"noise": 1.0, "data": -1.0}  # k in the module docstring
 METHODS = ("multistep", "singlestep")
@@ -65,12 +65,12 @@ def dpm_solver(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    steps: int = 20,  # solver steps; multistep: 1 score call each, singlestep: `order` calls each
+    steps: int | None = None,  # solver steps (default 20); multistep: 1 score call each, singlestep: `order` calls each
     order: int = 2,  # 1, 2 or 3
     method: str = "multistep",  # "multistep" (Adams-like, reuses past calls) or "singlestep" (intermediate points)
     prediction: str = "data",  # "data": DPM-Solver++ ; "noise": DPM-Solver
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
-    grid: str = "log_snr",  # name in GRIDS ("log_snr" is DPM-Solver's default)
+    grid: Grid = "log_snr",  # name in GRIDS ("log_snr" is DPM-Solver's default) or the decreasing times themselves
     rho: float = 7.0,  # exponent of the "edm" grid
     lower_order_final: bool = True,  # multistep: lower the order of the final steps when steps < 10 (as the reference)
     warmup: str = "singlestep",  # multistep order 3: first step singlestep order 2 (+1 call); or "lower_order"
@@ -90,9 +90,9 @@ def dpm_solver(
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     check_choice("method", method, METHODS)
     check_choice("prediction", prediction, PREDICTIONS)
-    check_int("steps", steps, 1)
     check_choice("warmup", warmup, ("singlestep", "lower_order"))
-    ts = time_grid(sde, steps, eps, grid, rho=rho)
+    ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=20)
+    steps, eps = len(ts) - 1, ts[-1]
     options = dict(steps=steps, order=order, method=method, prediction=prediction, eps=eps, grid=grid,
                    lower_order_final=lower_order_final, warmup=warmup, denoise_final=denoise_final)
     k = PREDICTIONS[prediction]

@@ -27,7 +27,7 @@ from ._base import (
     t_of_sigma_karras,
     times,
 )
-from .grids import time_grid
+from .grids import Grid, sampler_grid
 
 
 def _check_nonneg(name: str, value: float) -> float:
@@ -44,9 +44,9 @@ def heun(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    steps: int = 18,  # Heun steps; 2 score calls each (EDM used 18 steps, 35 NFE on CIFAR-10)
+    steps: int | None = None,  # Heun steps, 2 score calls each; default 18 (EDM: 18 steps, 35 NFE on CIFAR-10)
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
-    grid: str = "edm",  # name in GRIDS
+    grid: Grid = "edm",  # name in GRIDS, or the decreasing times themselves (then steps/eps follow from it)
     rho: float = 7.0,  # exponent of the "edm" grid
     S_churn: float = 0.0,  # total stochasticity; gamma_i = min(S_churn / steps, sqrt(2) - 1)
     S_tmin: float = 0.0,  # churn only for sigma (= sigma/alpha) in [S_tmin, S_tmax]
@@ -67,7 +67,8 @@ def heun(
         _check_nonneg(name, v)
     if not S_tmax >= S_tmin:
         raise ValueError(f"S_tmax must be >= S_tmin, got S_tmin={S_tmin}, S_tmax={S_tmax}")
-    ts = time_grid(sde, steps, eps, grid, rho=rho)
+    ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=18)
+    steps, eps = len(ts) - 1, ts[-1]
     sk = torch.exp(-0.5 * sde.log_snr(torch.tensor(ts, dtype=torch.float64))).tolist()  # sigma/alpha on the grid
     options = dict(steps=steps, eps=eps, grid=grid, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise,
                    denoise_final=denoise_final)

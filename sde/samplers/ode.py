@@ -17,12 +17,13 @@ from ._base import (
     SampleResult,
     check_common,
     check_finite,
+    default_eps,
     denoise_step,
     emit,
     steps_iter,
     times,
 )
-from .grids import time_grid
+from .grids import Grid, sampler_grid
 
 ODE_METHODS = sorted(m for m in SOLVERS if m != "scipy_solver")  # scipy would leave the device
 FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
@@ -41,7 +42,7 @@ def ode(
     atol: float = 1e-5,  # absolute tolerance of adaptive methods
     steps: int | None = None,  # grid intervals: required by fixed-grid methods, optional output grid for adaptive ones
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
-    grid: str = "uniform",  # name in GRIDS, used when steps is given
+    grid: Grid = "uniform",  # name in GRIDS (used when steps is given), or the decreasing times themselves
     rho: float = 7.0,  # exponent of the "edm" grid
     denoise_final: bool = False,  # one extra score call: Tweedie's E[x_0 | x_eps]
     options: dict | None = None,  # passed to torchdiffeq (e.g. {"first_step": ...})
@@ -63,9 +64,14 @@ def ode(
     eps = check_common(sde, x_T, steps, eps)
     check_positive("rtol", rtol)
     check_positive("atol", atol)
-    if method in FIXED_GRID_METHODS and steps is None:
+    if method in FIXED_GRID_METHODS and steps is None and isinstance(grid, str):
         raise ValueError(f"method={method!r} is a fixed-grid method: give steps (an int >= 1), got steps=None")
-    ts = time_grid(sde, steps, eps, grid, rho=rho) if steps is not None else [float(sde.T), eps]
+    if steps is None and isinstance(grid, str):  # one adaptive solve over [T, eps]
+        ts = [float(sde.T), default_eps(sde) if eps is None else eps]
+    else:
+        ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=1)
+        steps = len(ts) - 1
+    eps = ts[-1]
     opts = dict(method=method, rtol=rtol, atol=atol, steps=steps, eps=eps, grid=grid, denoise_final=denoise_final)
     score = CountedScore(score_fn)
     batch = x_T.shape[0]

@@ -27,7 +27,7 @@ from ._base import (
     tweedie,
 )
 from .correctors import CORRECTORS
-from .grids import time_grid
+from .grids import Grid, sampler_grid
 from .predictors import PREDICTORS
 
 
@@ -43,7 +43,7 @@ def pc(
     corrector: str = "langevin",  # name in CORRECTORS, or "none"
     steps: int | None = None,  # predictor steps; default sde.N (1000)
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
-    grid: str = "uniform",  # name in GRIDS
+    grid: Grid = "uniform",  # name in GRIDS, or the decreasing times themselves (then steps/eps follow from it)
     rho: float = 7.0,  # exponent of the "edm" grid
     snr: float = 0.16,  # Langevin signal-to-noise ratio (0.16 for VE CIFAR-10, 0.01 for VP)
     n_steps: int = 1,  # corrector steps per predictor step
@@ -70,12 +70,12 @@ def pc(
     """
     check_choice("predictor", predictor, PREDICTORS)
     check_choice("corrector", corrector, CORRECTORS)
-    steps = sde.N if steps is None else steps
     eps = check_common(sde, x_T, steps, eps)
     check_positive("snr", snr)
     check_int("n_steps", n_steps, 1)
     check_positive("step_lr", step_lr)
-    ts = time_grid(sde, steps, eps, grid, rho=rho)
+    ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=sde.N)
+    steps, eps = len(ts) - 1, ts[-1]
     if predictor == "reverse_diffusion":
         _check_discrete_chain(sde, ts, x_T)
     options = dict(predictor=predictor, corrector=corrector, steps=steps, eps=eps, grid=grid)
@@ -124,7 +124,7 @@ def _predictor_only(name: str):
         progress: bool = False,
         steps: int | None = None,  # default sde.N (1000)
         eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
-        grid: str = "uniform",  # name in GRIDS
+        grid: Grid = "uniform",  # name in GRIDS, or the decreasing times themselves (then steps/eps follow from it)
         rho: float = 7.0,  # exponent of the "edm" grid
         denoise_final: bool = True,  # one extra score call: Tweedie's E[x_0 | x_eps]
     ) -> SampleResult:
