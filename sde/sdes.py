@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._checks import as_time, bcast, check_choice, check_int, check_positive
+from .flow import reverse_term
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -132,9 +133,19 @@ class SDE(abc.ABC):
 
 
 class ReverseSDE:
-    """Reverse-time SDE ``dx = [f - g^2 score] dt + g dw_bar`` (or the PF-ODE, half the
-    score term and no noise). Time still runs from T down to 0; a step of size dt > 0
-    moves x from t to t - dt as ``x - drift * dt + diffusion * sqrt(dt) z``."""
+    """Reverse-time SDE ``dx = [f - g^2 score] dt + g dw_bar`` (or the PF-ODE, half the score
+    term and no noise), built on ``sde.flow``. Time still runs from T down to 0; a step of size
+    dt > 0 moves x from t to t - dt as ``x - drift * dt + diffusion * sqrt(dt) z``.
+
+    The predictors of the ``pc`` sampler take their drift and diffusion from this object. Its
+    methods take an optional ``score``: the score at (x, t) when the caller has already spent
+    the evaluation (the predictor-corrector loop shares one call between predictor and callback).
+
+    Args:
+        sde: the forward SDE.
+        score_fn: ``score_fn(x, t)``.
+        probability_flow: the probability-flow ODE instead of the reverse SDE.
+    """
 
     def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False) -> None:
         self.sde = sde
@@ -142,22 +153,26 @@ class ReverseSDE:
         self.probability_flow = probability_flow
         self.T = sde.T
 
-    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
+    def _score(self, x: Tensor, t: Tensor, score: Tensor | None) -> Tensor:
+        return self.score_fn(x, t) if score is None else score
+
+    def drift(self, x: Tensor, t: float | Tensor, score: Tensor | None = None) -> Tensor:
+        """f(x, t) - g(t)^2 score (halved for the PF-ODE), shaped like x."""
         t = as_time(t, x, self.T)
-        g2 = bcast(self.sde.diffusion(t) ** 2, x)
-        coef = 0.5 if self.probability_flow else 1.0
-        return self.sde.drift(x, t) - coef * g2 * self.score_fn(x, t)
+        return reverse_term(self.sde.drift(x, t), self.sde.diffusion(t), x, self._score(x, t, score),
+                            probability_flow=self.probability_flow)
 
     def diffusion(self, t: float | Tensor) -> Tensor:
+        """g(t), shape (B,); zero for the PF-ODE."""
         g = self.sde.diffusion(t)
         return torch.zeros_like(g) if self.probability_flow else g
 
-    def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
-        """Reverse of the forward chain's step (Song et al. 2021, eq. 46): f - G^2 score."""
+    def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None,
+                   score: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Reverse of the forward chain's step (Song et al. 2021, eq. 46): (f_i - G_i^2 score, G_i)."""
         t = as_time(t, x, self.T)
         f, G = self.sde.discretize(x, t, dt)
-        coef = 0.5 if self.probability_flow else 1.0
-        rev_f = f - coef * bcast(G**2, x) * self.score_fn(x, t)
+        rev_f = reverse_term(f, G, x, self._score(x, t, score), probability_flow=self.probability_flow)
         return rev_f, torch.zeros_like(G) if self.probability_flow else G
 
 

@@ -1,15 +1,15 @@
 """Probability-flow ODE sampler (Song et al. 2021, eq. 13): dx/dt = f(x, t) - g(t)^2/2 score(x, t),
-integrated from T to eps with torchdiffeq.odeint (Chen et al. 2018). The state stays on its
-device and in its dtype (no numpy round trips, unlike score_sde's scipy solve_ivp)."""
+integrated from T to eps with torchdiffeq.odeint (Chen et al. 2018) through ``sde.flow.integrate_ode``,
+the helper ``encode``, ``decode`` and ``log_likelihood`` use too (same methods, same checks, same
+end-point rule). The state stays on its device and in its dtype (no numpy round trips, unlike
+score_sde's scipy solve_ivp)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
-from torchdiffeq._impl.odeint import SOLVERS
 
-from .._checks import bcast, check_choice, check_positive
+from ..flow import FIXED_GRID_METHODS, ODE_METHODS, check_ode, integrate_ode, ode_times, pf_velocity, tweedie
 from ..sdes import SDE, ScoreFn
 from ._base import (
     Callback,
@@ -20,13 +20,13 @@ from ._base import (
     default_eps,
     denoise_step,
     emit,
-    steps_iter,
     times,
 )
-from .grids import Grid, sampler_grid
+from .grids import Grid
 
-ODE_METHODS = sorted(m for m in SOLVERS if m != "scipy_solver")  # scipy would leave the device
-FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
+FIRST_STEP = 1e-2  # adaptive methods' first step, as a fraction of each interval (skips torchdiffeq's heuristic)
+
+__all__ = ["ode", "ODE_METHODS", "FIXED_GRID_METHODS"]
 
 
 def ode(
@@ -37,7 +37,7 @@ def ode(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    method: str = "dopri5",  # any torchdiffeq method except scipy_solver
+    method: str = "dopri5",  # a name in sde.flow.ODE_METHODS
     rtol: float = 1e-5,  # relative tolerance of adaptive methods
     atol: float = 1e-5,  # absolute tolerance of adaptive methods
     steps: int | None = None,  # grid intervals: required by fixed-grid methods, optional output grid for adaptive ones
@@ -53,48 +53,56 @@ def ode(
     interval); without it, one adaptive solve over [T, eps]. ``callback`` fires at each grid
     point and costs one extra (counted) score call there for x0_hat.
 
+    Args:
+        score_fn: score_fn(x, t) with t of shape (B,).
+        sde: the forward SDE.
+        x_T: the starting state at time T (batch first).
+        generator: unused (the ODE is deterministic); accepted for the shared signature.
+        callback: called at each grid point before its interval with {"i", "t", "x", "x0_hat"}.
+        progress: show a tqdm bar over the grid intervals.
+        method: the torchdiffeq method, a name in ``sde.flow.ODE_METHODS``: adaptive
+            ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun") or fixed-grid ("euler",
+            "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams").
+        rtol: relative tolerance of adaptive methods.
+        atol: absolute tolerance of adaptive methods.
+        steps: number of grid intervals; required by fixed-grid methods (one step each), an
+            optional output grid for adaptive ones (one adaptive solve per interval).
+        eps: end time of a named grid; default 1e-3 (VP, sub-VP) or 1e-5 (VE).
+        grid: the time grid used with ``steps``, a name in ``GRIDS`` ("uniform", "log_snr", "edm")
+            or the decreasing times themselves (then steps and eps follow from it).
+        rho: exponent of the "edm" grid.
+        denoise_final: finish with one extra score call: Tweedie's E[x_0 | x_eps].
+        options: torchdiffeq solver options of the method's kind (adaptive: first_step, step_t,
+            max_num_steps, norm, ...; fixed: step_size, interp, ...). Adaptive methods default to
+            ``first_step`` = 1% of each interval.
+
     Returns:
         SampleResult with nfe the exact number of score calls.
 
     Raises:
         ValueError: unknown method or grid, a fixed-grid method without ``steps``, steps < 1,
-            eps outside (0, T), rtol/atol <= 0.
+            eps outside (0, T), rtol/atol <= 0, an option the method does not take.
+        TypeError: options is not a dict.
     """
-    check_choice("method", method, ODE_METHODS)
+    options = check_ode(method, rtol, atol, options)
     eps = check_common(sde, x_T, steps, eps)
-    check_positive("rtol", rtol)
-    check_positive("atol", atol)
-    if method in FIXED_GRID_METHODS and steps is None and isinstance(grid, str):
-        raise ValueError(f"method={method!r} is a fixed-grid method: give steps (an int >= 1), got steps=None")
-    if steps is None and isinstance(grid, str):  # one adaptive solve over [T, eps]
-        ts = [float(sde.T), default_eps(sde) if eps is None else eps]
-    else:
-        ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=1)
-        steps = len(ts) - 1
-    eps = ts[-1]
-    opts = dict(method=method, rtol=rtol, atol=atol, steps=steps, eps=eps, grid=grid, denoise_final=denoise_final)
+    ts = ode_times(sde, method, steps, default_eps(sde) if eps is None and isinstance(grid, str) else eps, grid,
+                   rho=rho)
+    opts = dict(method=method, rtol=rtol, atol=atol, steps=None if steps is None and isinstance(grid, str) else
+                len(ts) - 1, eps=ts[-1], grid=grid, denoise_final=denoise_final)
     score = CountedScore(score_fn)
     batch = x_T.shape[0]
 
     def velocity(t: Tensor, x: Tensor) -> Tensor:
-        tt = t.reshape(1).expand(batch).to(x)
-        return sde.drift(x, tt) - 0.5 * bcast(sde.diffusion(tt) ** 2, x) * score(x, tt)
+        return pf_velocity(sde, score, x, t.reshape(1).expand(batch).to(x))
 
-    x = x_T
+    def at_point(i: int, t: float, x: Tensor) -> None:
+        tt = times(t, x)
+        emit(callback, i, tt, x, tweedie(sde, x, tt, score(x, tt)))
+
     with torch.no_grad():
-        for i in steps_iter(len(ts) - 1, progress, "ode"):
-            if callback is not None:
-                tt = times(ts[i], x)
-                sc = score(x, tt)
-                x0 = (x + bcast(sde.sigma(tt) ** 2, x) * sc) / bcast(sde.alpha(tt), x)
-                emit(callback, i, tt, x, x0)
-            span = torch.tensor(ts[i : i + 2], dtype=x.dtype, device=x.device)
-            opts_i = dict(options or {})
-            if method not in FIXED_GRID_METHODS:
-                opts_i.setdefault("step_t", span)  # land exactly on eps: torchdiffeq otherwise steps past it
-                # torchdiffeq's initial-step heuristic can probe far outside [eps, T] (t < 0)
-                opts_i.setdefault("first_step", 1e-2 * (ts[i] - ts[i + 1]))
-            x = odeint(velocity, x, span, method=method, rtol=rtol, atol=atol, options=opts_i)[-1]
+        x = integrate_ode(velocity, x_T, ts, method=method, rtol=rtol, atol=atol, options=options,
+                          first_step=FIRST_STEP, callback=None if callback is None else at_point, progress="ode" if progress else None)
         if denoise_final:
-            x = denoise_step(sde, score, x, eps)
+            x = denoise_step(sde, score, x, ts[-1])
     return SampleResult(check_finite(x, "ode", opts), score.calls, "ode", opts)

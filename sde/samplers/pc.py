@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int, check_positive
-from ..sdes import SDE, ScoreFn
+from ..flow import tweedie
+from ..sdes import SDE, ReverseSDE, ScoreFn
 from ._base import (
     Callback,
     CountedScore,
@@ -24,7 +25,6 @@ from ._base import (
     emit,
     steps_iter,
     times,
-    tweedie,
 )
 from .correctors import CORRECTORS
 from .grids import Grid, sampler_grid
@@ -53,6 +53,9 @@ def pc(
 ) -> SampleResult:
     """Predictor-corrector sampler (Song et al. 2021, Alg. 1).
 
+    Each step runs the corrector at t_i, then the predictor from t_i to t_{i+1}; the predictor
+    takes its drift and diffusion from the reverse-time SDE ``sde.reverse(score_fn)``.
+
     Args:
         score_fn: score_fn(x, t) with t of shape (B,).
         sde: the forward SDE.
@@ -60,6 +63,21 @@ def pc(
         generator: source of all the noise.
         callback: called after each predictor step with {"i", "t", "x", "x0_hat"} at t_i.
         progress: show a tqdm bar.
+        predictor: the reverse-time step, a name in ``PREDICTORS``: "reverse_diffusion" (the
+            forward chain run backwards, Song et al. 2021 eq. 46), "euler_maruyama" (Euler-Maruyama
+            on the reverse SDE) or "ancestral" (the Gaussian posterior of the forward kernel).
+        corrector: the MCMC step at each t_i, a name in ``CORRECTORS``: "langevin" (Song et al. 2021,
+            Alg. 4), "annealed_langevin" (Song & Ermon 2019, Alg. 1) or "none".
+        steps: number of predictor steps (grid intervals); default ``sde.N``.
+        eps: end time of a named grid; default 1e-3 (VP, sub-VP) or 1e-5 (VE).
+        grid: the time grid, a name in ``GRIDS`` ("uniform", "log_snr", "edm") or the decreasing
+            times themselves (then steps and eps follow from it).
+        rho: exponent of the "edm" grid (Karras et al. 2022 use 7).
+        snr: signal-to-noise ratio of the "langevin" corrector's step size (0.16 for VE, 0.01 for VP
+            in Song et al. 2021).
+        n_steps: corrector steps per predictor step.
+        step_lr: base step size of the "annealed_langevin" corrector.
+        denoise_final: finish with one extra score call: Tweedie's E[x_0 | x_eps].
 
     Returns:
         SampleResult with nfe = steps (1 + n_steps if a corrector is used) + denoise_final.
@@ -75,29 +93,36 @@ def pc(
     check_int("n_steps", n_steps, 1)
     check_positive("step_lr", step_lr)
     ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=sde.N)
-    steps, eps = len(ts) - 1, ts[-1]
     if predictor == "reverse_diffusion":
         _check_discrete_chain(sde, ts, x_T)
-    options = dict(predictor=predictor, corrector=corrector, steps=steps, eps=eps, grid=grid)
+    options = dict(predictor=predictor, corrector=corrector, steps=len(ts) - 1, eps=ts[-1], grid=grid)
     options["denoise_final"] = denoise_final
     if corrector != "none":
         options.update(n_steps=n_steps, **({"snr": snr} if corrector == "langevin" else {"step_lr": step_lr}))
-    predict = PREDICTORS[predictor]
-    correct = partial(CORRECTORS[corrector], **({k: options[k] for k in ("snr", "step_lr", "n_steps") if k in options}))
     score = CountedScore(score_fn)
-    x = x_T
     with torch.no_grad():
-        for i in steps_iter(steps, progress, _name):
-            t, s = ts[i], ts[i + 1]
-            x = correct(sde, score, x, t, eps, generator)
-            tt = times(t, x)
-            sc = score(x, tt)
-            x_prev = x
-            x = predict(sde, x, t, s, sc, generator)
-            emit(callback, i, tt, x_prev, lambda x_prev=x_prev, tt=tt, sc=sc: tweedie(sde, x_prev, tt, sc))
+        x = _pc_loop(sde.reverse(score), x_T, ts, options, generator, callback, progress, _name)
         if denoise_final:
-            x = denoise_step(sde, score, x, eps)
+            x = denoise_step(sde, score, x, ts[-1])
     return SampleResult(check_finite(x, _name, options), score.calls, _name, options)
+
+
+def _pc_loop(rsde: ReverseSDE, x: Tensor, ts: list[float], options: dict, generator: torch.Generator | None,
+             callback: Callback | None, progress: bool, name: str) -> Tensor:
+    """The predictor-corrector steps on the grid ``ts``: corrector at t_i, predictor to t_{i+1}."""
+    sde, score, eps = rsde.sde, rsde.score_fn, ts[-1]
+    predict = PREDICTORS[options["predictor"]]
+    kwargs = {k: options[k] for k in ("snr", "step_lr", "n_steps") if k in options}
+    correct = partial(CORRECTORS[options["corrector"]], **kwargs)
+    for i in steps_iter(len(ts) - 1, progress, name):
+        t, s = ts[i], ts[i + 1]
+        x = correct(sde, score, x, t, eps, generator)
+        tt = times(t, x)
+        sc = score(x, tt)
+        x_prev = x
+        x = predict(rsde, x, t, s, sc, generator)
+        emit(callback, i, tt, x_prev, lambda x_prev=x_prev, tt=tt, sc=sc: tweedie(sde, x_prev, tt, sc))
+    return x
 
 
 def _check_discrete_chain(sde: SDE, ts: list[float], x_T: Tensor) -> None:
@@ -111,6 +136,31 @@ def _check_discrete_chain(sde: SDE, ts: list[float], x_T: Tensor) -> None:
                 f"predictor='reverse_diffusion' with steps={len(ts) - 1} on {sde!r}: the discrete chain is undefined "
                 f"at t={t:.4g}, dt={t - s:.4g} (DDPM needs beta(t) dt < 1); use more steps or another predictor"
             )
+
+
+_PREDICTOR_ONLY_DOC = """
+    ``pc`` with ``predictor`` set to this name and ``corrector="none"``.
+
+    Args:
+        score_fn: score_fn(x, t) with t of shape (B,).
+        sde: the forward SDE.
+        x_T: the starting state at time T (batch first).
+        generator: source of all the noise.
+        callback: called after each step with {"i", "t", "x", "x0_hat"} at t_i.
+        progress: show a tqdm bar.
+        steps: number of steps (grid intervals); default ``sde.N``.
+        eps: end time of a named grid; default 1e-3 (VP, sub-VP) or 1e-5 (VE).
+        grid: the time grid, a name in ``GRIDS`` ("uniform", "log_snr", "edm") or the decreasing
+            times themselves (then steps and eps follow from it).
+        rho: exponent of the "edm" grid.
+        denoise_final: finish with one extra score call: Tweedie's E[x_0 | x_eps].
+
+    Returns:
+        SampleResult with nfe = steps + denoise_final.
+
+    Raises:
+        ValueError: unknown grid, steps < 1, eps outside (0, T).
+    """
 
 
 def _predictor_only(name: str):
@@ -133,7 +183,7 @@ def _predictor_only(name: str):
 
     sampler.__name__ = sampler.__qualname__ = name
     sampler.__doc__ = (f"The {name} predictor alone (no corrector): "
-                       f"{(PREDICTORS[name].__doc__ or '').splitlines()[0]}\n\nSee ``pc`` for the arguments.")
+                       f"{(PREDICTORS[name].__doc__ or '').splitlines()[0]}\n{_PREDICTOR_ONLY_DOC}")
     return sampler
 
 

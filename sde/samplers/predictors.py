@@ -1,8 +1,9 @@
 """Predictors of the predictor-corrector sampler (Song et al. 2021, Alg. 2-3): one step of a
 reverse-time solver from t to s < t, given the score already evaluated at (x, t).
 
-Every predictor has the signature ``(sde, x, t, s, score, generator) -> x_s`` with t, s
-Python floats and ``score`` = score_fn(x, t).
+Every predictor has the signature ``(rsde, x, t, s, score, generator) -> x_s`` with ``rsde``
+the reverse-time SDE ``sde.reverse(score_fn)`` (it gives the drift and diffusion, built on
+``sde.flow``), t, s Python floats and ``score`` = score_fn(x, t).
 """
 
 from __future__ import annotations
@@ -14,30 +15,29 @@ import torch
 from torch import Tensor
 
 from .._checks import bcast
-from ..sdes import SDE
+from ..flow import tweedie
+from ..sdes import ReverseSDE
 from ._base import randn_like, times
 
-Predictor = Callable[[SDE, Tensor, float, float, Tensor, "torch.Generator | None"], Tensor]
+Predictor = Callable[[ReverseSDE, Tensor, float, float, Tensor, "torch.Generator | None"], Tensor]
 
 
-def euler_maruyama(sde: SDE, x: Tensor, t: float, s: float, score: Tensor, generator=None) -> Tensor:
+def euler_maruyama(rsde: ReverseSDE, x: Tensor, t: float, s: float, score: Tensor, generator=None) -> Tensor:
     """Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dw_bar (Song et al. 2021)."""
     dt = t - s
     tt = times(t, x)
-    g = bcast(sde.diffusion(tt), x)
-    x_mean = x - (sde.drift(x, tt) - g**2 * score) * dt
-    return x_mean + g * math.sqrt(dt) * randn_like(x, generator)
+    x_mean = x - rsde.drift(x, tt, score) * dt
+    return x_mean + bcast(rsde.diffusion(tt), x) * math.sqrt(dt) * randn_like(x, generator)
 
 
-def reverse_diffusion(sde: SDE, x: Tensor, t: float, s: float, score: Tensor, generator=None) -> Tensor:
+def reverse_diffusion(rsde: ReverseSDE, x: Tensor, t: float, s: float, score: Tensor, generator=None) -> Tensor:
     """Reverse of the forward discretization x_{i+1} = x_i + f_i + G_i z (Song et al. 2021, eq. 46):
     x_s = x - (f_i - G_i^2 score) + G_i z, with (f_i, G_i) = sde.discretize(x, t, t - s)."""
-    f, G = sde.discretize(x, times(t, x), t - s)
-    G = bcast(G, x)
-    return x - f + G**2 * score + G * randn_like(x, generator)
+    rev_f, G = rsde.discretize(x, times(t, x), t - s, score)
+    return x - rev_f + bcast(G, x) * randn_like(x, generator)
 
 
-def ancestral(sde: SDE, x: Tensor, t: float, s: float, score: Tensor, generator=None) -> Tensor:
+def ancestral(rsde: ReverseSDE, x: Tensor, t: float, s: float, score: Tensor, generator=None) -> Tensor:
     """Ancestral sampling (Ho et al. 2020; Song & Ermon 2019): draw x_s from the Gaussian
     posterior q(x_s | x_t, x_0 = x0_hat) of the forward kernel, for any alpha/sigma.
 
@@ -45,11 +45,12 @@ def ancestral(sde: SDE, x: Tensor, t: float, s: float, score: Tensor, generator=
     mean = a_ts sigma_s^2/sigma_t^2 x + alpha_s v_ts/sigma_t^2 x0_hat, var = v_ts sigma_s^2/sigma_t^2.
     For VE this is exactly SMLD's x + (sigma_t^2 - sigma_s^2) score.
     """
+    sde = rsde.sde
     tt, ss = times(t, x), times(s, x)
     a_t, a_s, sig_t, sig_s = sde.alpha(tt), sde.alpha(ss), sde.sigma(tt), sde.sigma(ss)
     a_ts = a_t / a_s
     v_ts = sig_t**2 - a_ts**2 * sig_s**2
-    x0_hat = (x + bcast(sig_t**2, x) * score) / bcast(a_t, x)
+    x0_hat = tweedie(sde, x, tt, score, alpha=bcast(a_t, x), sigma=bcast(sig_t, x))
     mean = bcast(a_ts * sig_s**2 / sig_t**2, x) * x + bcast(a_s * v_ts / sig_t**2, x) * x0_hat
     std = torch.sqrt(torch.clamp(v_ts, min=0.0) * sig_s**2 / sig_t**2)
     return mean + bcast(std, x) * randn_like(x, generator)
