@@ -17,22 +17,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
-from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from tqdm.auto import tqdm
 
-from ._checks import bcast, check_choice, check_int, check_open_interval, check_positive, check_tensor
+from ._checks import check_choice, check_int, check_positive, check_tensor
+from .flow import ADAPTIVE_METHODS, check_ode, integrate_ode, ode_times, pf_velocity
 from .samplers._base import CountedScore
+from .samplers.grids import Grid
 from .sdes import SDE, ScoreFn
 
 __all__ = ["LikelihoodResult", "log_likelihood", "bits_per_dim", "dataset_bits_per_dim", "encode", "decode"]
 __all__ += ["DIVERGENCES", "PROBES", "joint_rms_norm", "mixed_rms_norm"]
 
+DEFAULT_EPS = 1e-5  # start time of the likelihood ODE (Song et al. 2021 use 1e-5 for every SDE)
 _EXACT_CHUNK = 256  # one-hot directions pushed through autograd at once by the exact divergence
 
 
@@ -112,19 +112,12 @@ DIVERGENCES: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
 
 
 # -- the ODE -------------------------------------------------------------------------------------------
-def _pf_velocity(
-    score: Callable[[Tensor, Tensor], Tensor], sde: SDE, x: Tensor, t: Tensor, lo: float, hi: float
-) -> Tensor:
-    """v(x, t) = f(x, t) - 1/2 g(t)^2 score(x, t) at a scalar time t, clamped into [lo, hi].
-
-    The clamp only matters for the trial evaluation of the solvers' initial step-size heuristic,
-    which may probe past the interval; accepted steps end on it exactly (see ``_solve``).
-    """
-    tb = t.clamp(lo, hi).to(x.dtype).reshape(1).expand(x.shape[0])  # a shared view: see _checks.shared_time
-    return sde.drift(x, tb) - 0.5 * bcast(sde.diffusion(tb) ** 2, x) * score(x, tb)
+def _velocity(score: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
+    """The PF-ODE velocity at the scalar time t (a 0-d tensor from torchdiffeq), as a shared (B,) view."""
+    return pf_velocity(sde, score, x, t.to(x.dtype).reshape(1).expand(x.shape[0]))  # see _checks.shared_time
 
 
-def _augmented_velocity(score, sde: SDE, div_fn, probes: Tensor | None, eps: float, shape: torch.Size):
+def _augmented_velocity(score, sde: SDE, div_fn, probes: Tensor | None, shape: torch.Size):
     """Right-hand side of the joint ODE (dx/dt, d delta/dt) = (v, div v) on one flat state; one score call each.
 
     The state is x flattened with delta appended: a single tensor spares torchdiffeq's tuple
@@ -135,7 +128,7 @@ def _augmented_velocity(score, sde: SDE, div_fn, probes: Tensor | None, eps: flo
     def func(t: Tensor, y: Tensor) -> Tensor:
         with torch.enable_grad():
             xt = y[:n].view(shape).detach().requires_grad_(True)
-            v = _pf_velocity(score, sde, xt, t, eps, sde.T)
+            v = _velocity(score, sde, xt, t)
             div = div_fn(v, xt, probes)
         return torch.cat([v.detach().reshape(-1), div.detach()])
 
@@ -191,11 +184,30 @@ def _flat_norm(shape: torch.Size, norm: Callable | None) -> Callable[[Tensor], T
     return lambda y: norm(_split(y, shape))
 
 
-def _check_ode(sde: SDE, method: str, rtol: float, atol: float, eps: float) -> None:
-    check_choice("method", method, _TORCHDIFFEQ_SOLVERS)
-    check_positive("rtol", rtol)
-    check_positive("atol", atol)
-    check_open_interval("eps", eps, 0.0, sde.T)
+@dataclass(frozen=True)
+class _Solve:
+    """The validated ODE settings of one encode / decode / log_likelihood call."""
+
+    method: str
+    rtol: float
+    atol: float
+    options: dict
+    ts: list[float]  # decreasing, T ... eps (see sde.flow.ode_times)
+
+    def run(self, func, y: Tensor, to_latent: bool, progress: str | None = None) -> Tensor:
+        ts = self.ts[::-1] if to_latent else self.ts
+        return integrate_ode(func, y, ts, method=self.method, rtol=self.rtol, atol=self.atol, options=self.options,
+                             progress=progress)
+
+
+def _check_solve(sde: SDE, method: str, rtol: float, atol: float, steps: int | None, eps: float | None, grid: Grid,
+                 rho: float, options: dict | None) -> _Solve:
+    """The one validation of sde.flow (the ``ode`` sampler's), with this module's default eps."""
+    options = check_ode(method, rtol, atol, options)
+    if steps is not None:
+        check_int("steps", steps, 1)
+    eps = (DEFAULT_EPS if eps is None and isinstance(grid, str) else eps)
+    return _Solve(method, rtol, atol, options, ode_times(sde, method, steps, eps, grid, rho=rho))
 
 
 def _chunks(x: Tensor, batch_size: int | None, progress: bool, desc: str):
@@ -206,14 +218,17 @@ def _chunks(x: Tensor, batch_size: int | None, progress: bool, desc: str):
     return tqdm(starts, desc=desc, disable=not progress, leave=False), size
 
 
-def _solve(func, y0, t0: float, t1: float, like: Tensor, method: str, rtol: float, atol: float, options: dict | None):
-    times = torch.tensor([t0, t1], dtype=like.dtype, device=like.device)
-    if issubclass(_TORCHDIFFEQ_SOLVERS[method], RKAdaptiveStepsizeODESolver):
-        # Adaptive solvers step past t1 and interpolate back; the SDE is only defined on [0, T],
-        # so make the last step land on t1 exactly.
-        options = {"step_t": times[1:], **(options or {})}
-    with torch.no_grad():
-        return odeint(func, y0, times, method=method, rtol=rtol, atol=atol, options=options)
+def _likelihood_batch(score: CountedScore, sde: SDE, xb: Tensor, solve: _Solve, divergence: str, probe: str,
+                      n_probes: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(logp, z) of one mini-batch: the joint (x, delta) ODE from eps to T."""
+    probes = None if divergence == "exact" else PROBES[probe]((n_probes, *xb.shape), xb, generator)
+    func = _augmented_velocity(score, sde, DIVERGENCES[divergence], probes, xb.shape)
+    y0 = torch.cat([xb.reshape(-1), torch.zeros(xb.shape[0], dtype=xb.dtype, device=xb.device)])
+    opts = solve.options
+    if solve.method in ADAPTIVE_METHODS:
+        opts = {**opts, "norm": _flat_norm(xb.shape, opts.get("norm"))}
+    z, delta = _split(replace(solve, options=opts).run(func, y0, to_latent=True), xb.shape)
+    return sde.prior_logp(z) + delta, z
 
 
 def log_likelihood(
@@ -224,14 +239,17 @@ def log_likelihood(
     divergence: str = "hutchinson",  # "exact" (D vjps per step) or "hutchinson" (n_probes vjps per step)
     probe: str = "rademacher",  # Hutchinson probe distribution: "rademacher" or "gaussian"
     n_probes: int = 1,  # Hutchinson probes per sample, averaged; fixed along the trajectory
-    method: str = "dopri5",  # any torchdiffeq solver
+    method: str = "dopri5",  # a name in sde.flow.ODE_METHODS
     rtol: float = 1e-5,  # relative tolerance of the adaptive solver
     atol: float = 1e-5,  # absolute tolerance of the adaptive solver
-    eps: float = 1e-5,  # start time of the ODE: the likelihood is that of p_eps, avoiding t = 0
+    eps: float | None = None,  # start time of the ODE (default 1e-5): the likelihood is that of p_eps
+    steps: int | None = None,  # grid intervals: required by fixed-grid methods, optional for adaptive ones
+    grid: Grid = "uniform",  # name in GRIDS (used with steps), or the decreasing times T = t_0 > ... > t_N
+    rho: float = 7.0,  # exponent of the "edm" grid
     generator: torch.Generator | None = None,
     batch_size: int | None = None,  # solve this many samples at a time (bounded memory); all if None
     progress: bool = False,  # tqdm bar over mini-batches
-    options: dict | None = None,  # torchdiffeq solver options ({"step_size": 0.01}, {"norm": mixed_rms_norm})
+    options: dict | None = None,  # torchdiffeq solver options ({"norm": mixed_rms_norm}, {"max_num_steps": ...})
 ) -> LikelihoodResult:
     """Log-likelihood of x by the probability-flow ODE (Song et al. 2021, sec. 4.3; Chen et al. 2018).
 
@@ -240,61 +258,73 @@ def log_likelihood(
     back through the ODE", up to solver error (and probe noise for Hutchinson). Adaptive steps
     are controlled by one RMS over the whole (x, delta) error (:func:`joint_rms_norm`, the
     reference's semantics of rtol/atol); :func:`mixed_rms_norm` controls delta separately.
+    The solver settings go through ``sde.flow`` exactly as the ``ode`` sampler's do.
 
     Args:
         score_fn: ``score_fn(x, t) -> Tensor`` shaped like x.
         sde: the forward SDE.
         x: (B, ...) data in model space (the space the score was trained in).
-        divergence, probe, n_probes, method, rtol, atol, eps, batch_size, progress, options: see
-            the trailing comments in the signature.
+        divergence: "exact" (the trace of dv/dx, D vector-Jacobian products per evaluation) or
+            "hutchinson" (the Skilling-Hutchinson estimate, ``n_probes`` products per evaluation).
+        probe: Hutchinson probe distribution, "rademacher" (lowest variance) or "gaussian".
+        n_probes: Hutchinson probes per sample, averaged; drawn once per trajectory.
+        method: the torchdiffeq method, a name in ``sde.flow.ODE_METHODS`` (adaptive or fixed-grid).
+        rtol: relative tolerance of adaptive methods.
+        atol: absolute tolerance of adaptive methods.
+        eps: start time of the ODE, default 1e-5: the density returned is that of p_eps.
+        steps: number of grid intervals; required by fixed-grid methods (one step each), an
+            optional grid for adaptive ones (one adaptive solve per interval).
+        grid: the time grid used with ``steps``, a name in ``GRIDS`` or the decreasing times
+            T = t_0 > ... > t_N themselves (run backwards, from t_N to T; t_0 must be T).
+        rho: exponent of the "edm" grid.
         generator: draws the Hutchinson probes.
+        batch_size: solve this many samples at a time (bounded memory); all at once if None.
+        progress: show a tqdm bar over mini-batches.
+        options: torchdiffeq solver options of the method's kind; ``options["norm"]`` receives
+            the (x, delta) pair (see :func:`mixed_rms_norm`).
 
     Returns:
         LikelihoodResult(logp (B,) nats, z like x, nfe, n_vjp).
 
     Raises:
-        ValueError: unknown divergence/probe/method, rtol/atol <= 0, eps outside (0, T),
-            n_probes or batch_size < 1.
+        ValueError: unknown divergence/probe/method, a fixed-grid method without steps, rtol/atol
+            <= 0, eps outside (0, T), a grid not starting at T, n_probes, steps or batch_size < 1,
+            an option the method does not take.
         TypeError: x is not a floating tensor.
     """
     check_tensor("x", x, 2)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("probe", probe, PROBES)
     check_int("n_probes", n_probes, 1)
-    _check_ode(sde, method, rtol, atol, eps)
-    div_fn = DIVERGENCES[divergence]
+    solve = _check_solve(sde, method, rtol, atol, steps, eps, grid, rho, options)
+    if solve.ts[0] != sde.T:
+        raise ValueError(f"log_likelihood needs the grid to start at T={sde.T} (the prior), got t_0={solve.ts[0]!r}")
     score = CountedScore(score_fn)
-    n_vjp_per_eval = x[0].numel() if divergence == "exact" else n_probes
     logps, zs = [], []
     starts, size = _chunks(x, batch_size, progress, "log-likelihood")
     for start in starts:
-        xb = x[start : start + size]
-        probes = None if divergence == "exact" else PROBES[probe]((n_probes, *xb.shape), xb, generator)
-        func = _augmented_velocity(score, sde, div_fn, probes, eps, xb.shape)
-        y0 = torch.cat([xb.reshape(-1), torch.zeros(xb.shape[0], dtype=xb.dtype, device=xb.device)])
-        opts = {**(options or {}), "norm": _flat_norm(xb.shape, (options or {}).get("norm"))}
-        z, delta = _split(_solve(func, y0, eps, sde.T, xb, method, rtol, atol, opts)[-1], xb.shape)
-        logps.append(sde.prior_logp(z) + delta)
+        logp, z = _likelihood_batch(score, sde, x[start : start + size], solve, divergence, probe, n_probes, generator)
+        logps.append(logp)
         zs.append(z)
+    n_vjp_per_eval = x[0].numel() if divergence == "exact" else n_probes
     return LikelihoodResult(torch.cat(logps), torch.cat(zs), score.calls, score.calls * n_vjp_per_eval)
 
 
 def _flow(score_fn: ScoreFn, sde: SDE, x: Tensor, name: str, to_latent: bool, *, method: str, rtol: float,
-          atol: float, eps: float, batch_size: int | None, progress: bool, options: dict | None) -> Tensor:
-    """Integrate the PF-ODE alone (no divergence) between eps and T, mini-batch by mini-batch:
+          atol: float, eps: float | None, steps: int | None, grid: Grid, rho: float, batch_size: int | None,
+          progress: bool, options: dict | None) -> Tensor:
+    """Integrate the PF-ODE alone (no divergence) through the grid, mini-batch by mini-batch:
     eps -> T when ``to_latent`` (encode), T -> eps otherwise (decode). ``name`` is x's argument name."""
     check_tensor(name, x, 2)
-    _check_ode(sde, method, rtol, atol, eps)
-    t0, t1 = (eps, sde.T) if to_latent else (sde.T, eps)
+    solve = _check_solve(sde, method, rtol, atol, steps, eps, grid, rho, options)
 
     def func(t: Tensor, xt: Tensor) -> Tensor:
-        return _pf_velocity(score_fn, sde, xt, t, eps, sde.T)
+        return _velocity(score_fn, sde, xt, t)
 
     out = []
     starts, size = _chunks(x, batch_size, progress, "encode" if to_latent else "decode")
     for start in starts:
-        xb = x[start : start + size]
-        out.append(_solve(func, xb, t0, t1, xb, method, rtol, atol, options)[-1])
+        out.append(solve.run(func, x[start : start + size], to_latent))
     return torch.cat(out)
 
 
@@ -306,18 +336,32 @@ def encode(
     method: str = "dopri5",
     rtol: float = 1e-5,
     atol: float = 1e-5,
-    eps: float = 1e-5,
+    eps: float | None = None,
+    steps: int | None = None,
+    grid: Grid = "uniform",
+    rho: float = 7.0,
     batch_size: int | None = None,
     progress: bool = False,
     options: dict | None = None,
 ) -> Tensor:
     """Latent code z = x(T) of data x = x(eps) along the probability-flow ODE (Song et al. 2021, sec. 4.3).
 
-    Args: as :func:`log_likelihood`. Returns: z shaped like x.
-    Raises: ValueError for a bad method, rtol/atol <= 0, eps outside (0, T).
+    Args:
+        score_fn: ``score_fn(x, t) -> Tensor`` shaped like x.
+        sde: the forward SDE.
+        x: (B, ...) data in model space.
+        method, rtol, atol, eps, steps, grid, rho, batch_size, progress: as :func:`log_likelihood`
+            (the same sde.flow checks; a fixed-grid method needs steps).
+        options: torchdiffeq solver options of the method's kind (``norm`` receives the state tensor).
+
+    Returns:
+        z shaped like x (at the grid's first time, T unless an explicit grid starts lower).
+
+    Raises:
+        ValueError: as :func:`log_likelihood` for the solver settings.
     """
-    return _flow(score_fn, sde, x, "x", True, method=method, rtol=rtol, atol=atol, eps=eps, batch_size=batch_size,
-                 progress=progress, options=options)
+    return _flow(score_fn, sde, x, "x", True, method=method, rtol=rtol, atol=atol, eps=eps, steps=steps, grid=grid,
+                 rho=rho, batch_size=batch_size, progress=progress, options=options)
 
 
 def decode(
@@ -328,18 +372,30 @@ def decode(
     method: str = "dopri5",
     rtol: float = 1e-5,
     atol: float = 1e-5,
-    eps: float = 1e-5,
+    eps: float | None = None,
+    steps: int | None = None,
+    grid: Grid = "uniform",
+    rho: float = 7.0,
     batch_size: int | None = None,
     progress: bool = False,
     options: dict | None = None,
 ) -> Tensor:
     """Data x = x(eps) of latent z = x(T): the inverse of :func:`encode` (same ODE, run from T to eps).
 
-    Args: as :func:`log_likelihood`. Returns: x shaped like z.
-    Raises: ValueError for a bad method, rtol/atol <= 0, eps outside (0, T).
+    Args:
+        score_fn: ``score_fn(x, t) -> Tensor`` shaped like z.
+        sde: the forward SDE.
+        z: (B, ...) latents at the grid's first time (T).
+        method, rtol, atol, eps, steps, grid, rho, batch_size, progress, options: as :func:`encode`.
+
+    Returns:
+        x shaped like z.
+
+    Raises:
+        ValueError: as :func:`log_likelihood` for the solver settings.
     """
-    return _flow(score_fn, sde, z, "z", False, method=method, rtol=rtol, atol=atol, eps=eps, batch_size=batch_size,
-                 progress=progress, options=options)
+    return _flow(score_fn, sde, z, "z", False, method=method, rtol=rtol, atol=atol, eps=eps, steps=steps, grid=grid,
+                 rho=rho, batch_size=batch_size, progress=progress, options=options)
 
 
 # -- bits per dimension -------------------------------------------------------------------------------

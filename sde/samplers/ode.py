@@ -102,7 +102,8 @@ def ode(
 
     with torch.no_grad():
         x = integrate_ode(velocity, x_T, ts, method=method, rtol=rtol, atol=atol, options=options,
-                          first_step=FIRST_STEP, callback=None if callback is None else at_point, progress="ode" if progress else None)
+                          first_step=FIRST_STEP, callback=None if callback is None else at_point,
+                          progress="ode" if progress else None)
         if denoise_final:
             x = denoise_step(sde, score, x, ts[-1])
     return SampleResult(check_finite(x, "ode", opts), score.calls, "ode", opts)
