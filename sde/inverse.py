@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ._checks import as_time, bcast, check_choice, check_int, check_positive, check_tensor
+from .flow import tweedie
 from .sdes import SDE, ScoreFn
 
 __all__ = [
@@ -222,11 +223,11 @@ def dps_score(score_fn: ScoreFn, sde: SDE, constraint: Constraint, zeta: float =
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         _check_batch(x, b)
-        t, a, s2 = _alpha_sigma2(sde, x, t)
+        t = as_time(t, x, sde.T)
         with torch.enable_grad():  # samplers may run under no_grad
             x_in = x.detach().requires_grad_(True)
             s = score_fn(x_in, t)
-            x0_hat = (x_in + s2 * s) / a
+            x0_hat = tweedie(sde, x_in, t, s)
             r = (P(x0_hat) - b.to(x)).flatten(1).norm(dim=1)
             grad = torch.autograd.grad(r.sum(), x_in)[0]
         # zeta / ||r|| * grad ||r||^2 = 2 zeta grad ||r||

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import as_time, bcast, check_choice, check_positive, shared_time
+from .flow import tweedie
 from .sdes import SDE
 
 __all__ = ["ScoreModel", "PARAMETRIZATIONS", "ConditionalScore", "drop_labels"]
@@ -113,7 +114,7 @@ class ScoreModel(nn.Module):
         """E[x_0 | x_t = x] by Tweedie's formula: (x + sigma^2 score) / alpha."""
         t = as_time(t, x, self.sde.T)
         score = self(x, t, y)
-        return (x + bcast(self.sde.sigma(t) ** 2, x) * score) / bcast(self.sde.alpha(t), x)
+        return tweedie(self.sde, x, t, score)
 
     def conditional(self, y: int | Tensor | None) -> ConditionalScore:
         """A score_fn(x, t) with the class label(s) ``y`` bound (an int is used for the whole batch)."""

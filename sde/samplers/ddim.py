@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import bcast
+from ..flow import tweedie
 from ..sdes import SDE, ScoreFn
 from ._base import (
     Callback,
@@ -66,7 +67,7 @@ def ddim(
             a_t, sig_t, a_s, sig_s = sde.alpha(tt), sde.sigma(tt), sde.alpha(ss), sde.sigma(ss)
             sc = score(x, tt)
             noise = -bcast(sig_t, x) * sc
-            x0 = (x - bcast(sig_t, x) * noise) / bcast(a_t, x)
+            x0 = tweedie(sde, x, tt, sc, alpha=bcast(a_t, x), sigma=bcast(sig_t, x))
             emit(callback, i, tt, x, x0)
             x = bcast(a_s, x) * x0
             if eta > 0:
