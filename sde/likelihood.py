@@ -147,7 +147,8 @@ def _rms(v: Tensor) -> Tensor:
 
 def joint_rms_norm(state: tuple[Tensor, Tensor]) -> Tensor:
     """Step-size control norm of :func:`log_likelihood` by default: one RMS over every entry of
-    the scaled error of (x, delta), as scipy's ``solve_ivp`` (and so score_sde_pytorch) measures it.
+    the scaled error of (x, delta), as scipy's ``solve_ivp`` (and so score_sde_pytorch) measures it:
+    the reference's semantics of rtol/atol. :func:`mixed_rms_norm` controls delta separately.
 
     Args:
         state: the (x, delta) pair (x of shape (B, ...), delta of shape (B,)).
@@ -201,13 +202,17 @@ class _Solve:
 
 
 def _check_solve(sde: SDE, method: str, rtol: float, atol: float, steps: int | None, eps: float | None, grid: Grid,
-                 rho: float, options: dict | None) -> _Solve:
-    """The one validation of sde.flow (the ``ode`` sampler's), with this module's default eps."""
+                 rho: float, options: dict | None, from_T: str | None = None) -> _Solve:
+    """The one validation of sde.flow (the ``ode`` sampler's), with this module's default eps; with
+    ``from_T`` (the caller's name) the grid must start at T, where the prior density is known."""
     options = check_ode(method, rtol, atol, options)
     if steps is not None:
         check_int("steps", steps, 1)
-    eps = (DEFAULT_EPS if eps is None and isinstance(grid, str) else eps)
-    return _Solve(method, rtol, atol, options, ode_times(sde, method, steps, eps, grid, rho=rho))
+    eps = DEFAULT_EPS if eps is None and isinstance(grid, str) else eps
+    ts = ode_times(sde, method, steps, eps, grid, rho=rho)
+    if from_T is not None and ts[0] != sde.T:
+        raise ValueError(f"{from_T} needs the grid to start at T={sde.T} (the prior), got t_0={ts[0]!r}")
+    return _Solve(method, rtol, atol, options, ts)
 
 
 def _chunks(x: Tensor, batch_size: int | None, progress: bool, desc: str):
@@ -232,10 +237,7 @@ def _likelihood_batch(score: CountedScore, sde: SDE, xb: Tensor, solve: _Solve, 
 
 
 def log_likelihood(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    *,
+    score_fn: ScoreFn, sde: SDE, x: Tensor, *,
     divergence: str = "hutchinson",  # "exact" (D vjps per step) or "hutchinson" (n_probes vjps per step)
     probe: str = "rademacher",  # Hutchinson probe distribution: "rademacher" or "gaussian"
     n_probes: int = 1,  # Hutchinson probes per sample, averaged; fixed along the trajectory
@@ -253,35 +255,28 @@ def log_likelihood(
 ) -> LikelihoodResult:
     """Log-likelihood of x by the probability-flow ODE (Song et al. 2021, sec. 4.3; Chen et al. 2018).
 
-    Integrates (x, delta) from ``eps`` to ``T`` with ``d delta/dt = div v`` and returns
-    ``logp = sde.prior_logp(x(T)) + delta(T)``: the exact density of the model "prior pushed
-    back through the ODE", up to solver error (and probe noise for Hutchinson). Adaptive steps
-    are controlled by one RMS over the whole (x, delta) error (:func:`joint_rms_norm`, the
-    reference's semantics of rtol/atol); :func:`mixed_rms_norm` controls delta separately.
+    Integrates (x, delta) from ``eps`` to ``T`` with ``d delta/dt = div v``; ``logp = sde.prior_logp(x(T))
+    + delta(T)``, up to solver error (and probe noise for Hutchinson). Step control: see :func:`joint_rms_norm`.
     The solver settings go through ``sde.flow`` exactly as the ``ode`` sampler's do.
 
     Args:
-        score_fn: ``score_fn(x, t) -> Tensor`` shaped like x.
-        sde: the forward SDE.
+        score_fn, sde: ``score_fn(x, t) -> Tensor`` shaped like x, and the forward SDE.
         x: (B, ...) data in model space (the space the score was trained in).
-        divergence: "exact" (the trace of dv/dx, D vector-Jacobian products per evaluation) or
-            "hutchinson" (the Skilling-Hutchinson estimate, ``n_probes`` products per evaluation).
+        divergence: "exact" (trace of dv/dx: D vector-Jacobian products per evaluation) or
+            "hutchinson" (Skilling-Hutchinson estimate: ``n_probes`` products per evaluation).
         probe: Hutchinson probe distribution, "rademacher" (lowest variance) or "gaussian".
         n_probes: Hutchinson probes per sample, averaged; drawn once per trajectory.
         method: the torchdiffeq method, a name in ``sde.flow.ODE_METHODS`` (adaptive or fixed-grid).
-        rtol: relative tolerance of adaptive methods.
-        atol: absolute tolerance of adaptive methods.
+        rtol, atol: relative and absolute tolerances of adaptive methods.
         eps: start time of the ODE, default 1e-5: the density returned is that of p_eps.
-        steps: number of grid intervals; required by fixed-grid methods (one step each), an
-            optional grid for adaptive ones (one adaptive solve per interval).
+        steps: grid intervals; required by fixed-grid methods (one step each), optional for adaptive ones.
         grid: the time grid used with ``steps``, a name in ``GRIDS`` or the decreasing times
-            T = t_0 > ... > t_N themselves (run backwards, from t_N to T; t_0 must be T).
+            T = t_0 > ... > t_N themselves (run backwards from t_N; t_0 must be T).
         rho: exponent of the "edm" grid.
         generator: draws the Hutchinson probes.
         batch_size: solve this many samples at a time (bounded memory); all at once if None.
         progress: show a tqdm bar over mini-batches.
-        options: torchdiffeq solver options of the method's kind; ``options["norm"]`` receives
-            the (x, delta) pair (see :func:`mixed_rms_norm`).
+        options: torchdiffeq solver options of the method's kind; ``norm`` receives the (x, delta) pair.
 
     Returns:
         LikelihoodResult(logp (B,) nats, z like x, nfe, n_vjp).
@@ -292,22 +287,22 @@ def log_likelihood(
             an option the method does not take.
         TypeError: x is not a floating tensor.
     """
+    _check_likelihood(x, divergence, probe, n_probes)
+    solve = _check_solve(sde, method, rtol, atol, steps, eps, grid, rho, options, from_T="log_likelihood")
+    score = CountedScore(score_fn)
+    starts, size = _chunks(x, batch_size, progress, "log-likelihood")
+    parts = [_likelihood_batch(score, sde, x[i : i + size], solve, divergence, probe, n_probes, generator)
+             for i in starts]
+    n_vjp_per_eval = x[0].numel() if divergence == "exact" else n_probes
+    logp, z = (torch.cat(part) for part in zip(*parts))
+    return LikelihoodResult(logp, z, score.calls, score.calls * n_vjp_per_eval)
+
+
+def _check_likelihood(x: Tensor, divergence: str, probe: str, n_probes: int) -> None:
     check_tensor("x", x, 2)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("probe", probe, PROBES)
     check_int("n_probes", n_probes, 1)
-    solve = _check_solve(sde, method, rtol, atol, steps, eps, grid, rho, options)
-    if solve.ts[0] != sde.T:
-        raise ValueError(f"log_likelihood needs the grid to start at T={sde.T} (the prior), got t_0={solve.ts[0]!r}")
-    score = CountedScore(score_fn)
-    logps, zs = [], []
-    starts, size = _chunks(x, batch_size, progress, "log-likelihood")
-    for start in starts:
-        logp, z = _likelihood_batch(score, sde, x[start : start + size], solve, divergence, probe, n_probes, generator)
-        logps.append(logp)
-        zs.append(z)
-    n_vjp_per_eval = x[0].numel() if divergence == "exact" else n_probes
-    return LikelihoodResult(torch.cat(logps), torch.cat(zs), score.calls, score.calls * n_vjp_per_eval)
 
 
 def _flow(score_fn: ScoreFn, sde: SDE, x: Tensor, name: str, to_latent: bool, *, method: str, rtol: float,

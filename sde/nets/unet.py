@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -108,59 +109,21 @@ class UNet(nn.Module):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, 1)
         self.out_channels = in_channels if out_channels is None else check_int("out_channels", out_channels, 1)
-        check_int("base_channels", base_channels, 1)
-        check_int("num_res_blocks", num_res_blocks, 1)
         self.num_classes = check_int("num_classes", num_classes, 0)
+        mults, self.image_size = _check_unet(base_channels, num_res_blocks, dropout, channel_mults, image_size)
         embed_cls = EMBEDDINGS[check_choice("embedding", embedding, EMBEDDINGS)]
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        mults = tuple(channel_mults)
-        if not mults or any(not isinstance(m, int) or m < 1 for m in mults):
-            raise ValueError(f"channel_mults must be a non-empty sequence of ints >= 1, got {channel_mults!r}")
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        factor = 2 ** (len(mults) - 1)
-        if len(size) != 2 or any(not isinstance(s, int) or s < 1 or s % factor for s in size):
-            raise ValueError(
-                f"image_size must be positive and divisible by 2^(len(channel_mults) - 1) = {factor} "
-                f"for channel_mults={mults}, got {image_size!r}"
-            )
-        self.image_size = size
         emb_dim = 4 * base_channels
         self.embed = nn.Sequential(
             embed_cls(base_channels), nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.class_embed = ClassEmbedding(num_classes, emb_dim) if num_classes else None
-
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        skips, ch, res = [base_channels], base_channels, min(size)
-        for level, mult in enumerate(mults):
-            for _ in range(num_res_blocks):
-                layers = [_ResBlock(ch, base_channels * mult, emb_dim, dropout)]
-                ch = base_channels * mult
-                if res in attn_resolutions:
-                    layers.append(_Attention(ch))
-                self.down.append(nn.ModuleList(layers))
-                skips.append(ch)
-            if level < len(mults) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
-                skips.append(ch)
-                res //= 2
+        block = partial(_level_blocks, emb_dim=emb_dim, dropout=dropout, attn_resolutions=tuple(attn_resolutions))
+        self.down, skips, ch, res = _down_path(block, base_channels, mults, num_res_blocks, min(self.image_size))
         self.mid = nn.ModuleList(
             [_ResBlock(ch, ch, emb_dim, dropout), _Attention(ch), _ResBlock(ch, ch, emb_dim, dropout)]
         )
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(mults))):
-            for _ in range(num_res_blocks + 1):
-                layers = [_ResBlock(ch + skips.pop(), base_channels * mult, emb_dim, dropout)]
-                ch = base_channels * mult
-                if res in attn_resolutions:
-                    layers.append(_Attention(ch))
-                self.up.append(nn.ModuleList(layers))
-            if level > 0:
-                upsample = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
-                self.up.append(nn.ModuleList(upsample))
-                res *= 2
+        self.up, ch = _up_path(block, base_channels, mults, num_res_blocks, skips, ch, res)
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
         self.conv_out = _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
 
@@ -193,3 +156,62 @@ class UNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, num_classes={self.num_classes}"
+
+
+def _check_unet(base_channels: int, num_res_blocks: int, dropout: float, channel_mults: Sequence[int],
+                image_size: int | tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """Validate the U-Net's sizes; returns (channel multipliers, (H, W))."""
+    check_int("base_channels", base_channels, 1)
+    check_int("num_res_blocks", num_res_blocks, 1)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    mults = tuple(channel_mults)
+    if not mults or any(not isinstance(m, int) or m < 1 for m in mults):
+        raise ValueError(f"channel_mults must be a non-empty sequence of ints >= 1, got {channel_mults!r}")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    factor = 2 ** (len(mults) - 1)
+    if len(size) != 2 or any(not isinstance(s, int) or s < 1 or s % factor for s in size):
+        raise ValueError(
+            f"image_size must be positive and divisible by 2^(len(channel_mults) - 1) = {factor} "
+            f"for channel_mults={mults}, got {image_size!r}"
+        )
+    return mults, size
+
+
+def _level_blocks(cin: int, cout: int, res: int, *, emb_dim: int, dropout: float,
+                  attn_resolutions: tuple[int, ...]) -> nn.ModuleList:
+    """One residual block, followed by self-attention at the attention resolutions."""
+    layers = [_ResBlock(cin, cout, emb_dim, dropout)]
+    if res in attn_resolutions:
+        layers.append(_Attention(cout))
+    return nn.ModuleList(layers)
+
+
+def _down_path(block, base: int, mults: tuple[int, ...], num_res_blocks: int,
+               res: int) -> tuple[nn.ModuleList, list[int], int, int]:
+    """The encoder: (its layers, the skip channels, the final channels, the final resolution)."""
+    down, skips, ch = nn.ModuleList(), [base], base
+    for level, mult in enumerate(mults):
+        for _ in range(num_res_blocks):
+            down.append(block(ch, base * mult, res))
+            ch = base * mult
+            skips.append(ch)
+        if level < len(mults) - 1:
+            down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+            skips.append(ch)
+            res //= 2
+    return down, skips, ch, res
+
+
+def _up_path(block, base: int, mults: tuple[int, ...], num_res_blocks: int, skips: list[int], ch: int,
+             res: int) -> tuple[nn.ModuleList, int]:
+    """The decoder, consuming the skip channels: (its layers, the final channels)."""
+    up = nn.ModuleList()
+    for level, mult in reversed(list(enumerate(mults))):
+        for _ in range(num_res_blocks + 1):
+            up.append(block(ch + skips.pop(), base * mult, res))
+            ch = base * mult
+        if level > 0:
+            up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]))
+            res *= 2
+    return up, ch

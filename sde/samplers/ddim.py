@@ -31,13 +31,8 @@ from .grids import Grid, sampler_grid
 
 
 def ddim(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x_T: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
+    score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, generator: torch.Generator | None = None,
+    callback: Callback | None = None, progress: bool = False,
     steps: int | None = None,  # number of steps (= score calls before the final denoise); default 50
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
     eta: float = 0.0,  # 0: deterministic DDIM, 1: ancestral; in [0, 1]

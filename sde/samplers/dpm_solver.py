@@ -36,6 +36,7 @@ from .grids import Grid, sampler_grid
 
 PREDICTIONS = {"noise": 1.0, "data": -1.0}  # k in the module docstring
 METHODS = ("multistep", "singlestep")
+WARMUPS = ("singlestep", "lower_order")  # how multistep order 3 starts (see dpm_solver's warmup)
 R_SINGLESTEP = {2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}  # intermediate points r h (Lu et al. 2022, Alg. 1-2)
 
 
@@ -59,14 +60,17 @@ class _Schedule:
         return min(float(self.sde.t_from_log_snr(torch.tensor([2.0 * lam_half], dtype=torch.float64))), self.sde.T)
 
 
+def _check_options(order: int, method: str, prediction: str, warmup: str) -> None:
+    if order not in (1, 2, 3) or isinstance(order, bool):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    check_choice("method", method, METHODS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("warmup", warmup, WARMUPS)
+
+
 def dpm_solver(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x_T: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
+    score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, generator: torch.Generator | None = None,
+    callback: Callback | None = None, progress: bool = False,
     steps: int | None = None,  # solver steps (default 20); multistep: 1 score call each, singlestep: `order` calls each
     order: int = 2,  # 1, 2 or 3
     method: str = "multistep",  # "multistep" (Adams-like, reuses past calls) or "singlestep" (intermediate points)
@@ -81,12 +85,9 @@ def dpm_solver(
     """DPM-Solver / DPM-Solver++ of order 1-3, singlestep or multistep (Lu et al. 2022, Alg. 1-2; 2211.01095 Alg. 1-2).
 
     Args:
-        score_fn: score_fn(x, t) with t of shape (B,).
-        sde: the forward SDE.
-        x_T: the starting state at time T (batch first).
-        generator: unused (the solver is deterministic); accepted for the shared signature.
+        score_fn, sde, x_T, generator, progress: the shared sampler arguments (see ``sample``); the
+            solver draws no noise, so ``generator`` is unused.
         callback: called at each step with {"i", "t", "x", "x0_hat"} at t_i.
-        progress: show a tqdm bar.
         steps: number of solver steps (grid intervals); default 20. Multistep spends one score call per
             step, singlestep ``order`` calls per step.
         order: the solver's order, 1 (= DDIM), 2 or 3.
@@ -113,11 +114,7 @@ def dpm_solver(
         ValueError: order not in {1, 2, 3}, unknown method/prediction/grid, steps < 1, eps outside (0, T).
     """
     eps = check_common(sde, x_T, steps, eps)
-    if order not in (1, 2, 3) or isinstance(order, bool):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    check_choice("method", method, METHODS)
-    check_choice("prediction", prediction, PREDICTIONS)
-    check_choice("warmup", warmup, ("singlestep", "lower_order"))
+    _check_options(order, method, prediction, warmup)
     ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=20)
     steps, eps = len(ts) - 1, ts[-1]
     options = dict(steps=steps, order=order, method=method, prediction=prediction, eps=eps, grid=grid,

@@ -38,14 +38,16 @@ def _check_nonneg(name: str, value: float) -> float:
     return float(value)
 
 
+def _check_churn(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float) -> None:
+    for name, v in (("S_churn", S_churn), ("S_tmin", S_tmin), ("S_noise", S_noise)):
+        _check_nonneg(name, v)
+    if not S_tmax >= S_tmin:
+        raise ValueError(f"S_tmax must be >= S_tmin, got S_tmin={S_tmin}, S_tmax={S_tmax}")
+
+
 def heun(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x_T: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
+    score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, generator: torch.Generator | None = None,
+    callback: Callback | None = None, progress: bool = False,
     steps: int | None = None,  # Heun steps, 2 score calls each; default 18 (EDM: 18 steps, 35 NFE on CIFAR-10)
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
     grid: Grid = "edm",  # name in GRIDS, or the decreasing times themselves (then steps/eps follow from it)
@@ -59,12 +61,9 @@ def heun(
     """EDM Heun sampler (Karras et al. 2022, Alg. 2), deterministic when S_churn = 0.
 
     Args:
-        score_fn: score_fn(x, t) with t of shape (B,).
-        sde: the forward SDE.
-        x_T: the starting state at time T (batch first).
-        generator: source of the churn noise.
+        score_fn, sde, x_T, generator, progress: the shared sampler arguments (see ``sample``);
+            ``generator`` draws the churn noise.
         callback: called at each step with {"i", "t", "x", "x0_hat"} at the (churned) time t_hat.
-        progress: show a tqdm bar.
         steps: number of Heun steps (2 score calls each); default 18.
         eps: end time of a named grid; default 1e-3 (VP, sub-VP) or 1e-5 (VE).
         grid: the time grid, a name in ``GRIDS`` ("edm" is Karras et al.'s rho schedule, "uniform",
@@ -86,10 +85,7 @@ def heun(
         ValueError: steps < 1, eps outside (0, T), unknown grid, negative churn parameters.
     """
     eps = check_common(sde, x_T, steps, eps)
-    for name, v in (("S_churn", S_churn), ("S_tmin", S_tmin), ("S_noise", S_noise)):
-        _check_nonneg(name, v)
-    if not S_tmax >= S_tmin:
-        raise ValueError(f"S_tmax must be >= S_tmin, got S_tmin={S_tmin}, S_tmax={S_tmax}")
+    _check_churn(S_churn, S_tmin, S_tmax, S_noise)
     ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=18)
     steps, eps = len(ts) - 1, ts[-1]
     options = dict(steps=steps, eps=eps, grid=grid, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise,

@@ -30,13 +30,8 @@ __all__ = ["ode", "ODE_METHODS", "FIXED_GRID_METHODS"]
 
 
 def ode(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x_T: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
+    score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, generator: torch.Generator | None = None,
+    callback: Callback | None = None, progress: bool = False,
     method: str = "dopri5",  # a name in sde.flow.ODE_METHODS
     rtol: float = 1e-5,  # relative tolerance of adaptive methods
     atol: float = 1e-5,  # absolute tolerance of adaptive methods
@@ -47,33 +42,31 @@ def ode(
     denoise_final: bool = False,  # one extra score call: Tweedie's E[x_0 | x_eps]
     options: dict | None = None,  # passed to torchdiffeq (e.g. {"first_step": ...})
 ) -> SampleResult:
-    """Integrate the probability-flow ODE from T to eps (Song et al. 2021, Sec. 4.3).
+    """Integrate the probability-flow ODE from T to eps (Song et al. 2021, Sec. 4.3) with torchdiffeq.
 
     With ``steps`` the integration runs one grid interval at a time (one fixed-method step per
-    interval); without it, one adaptive solve over [T, eps]. ``callback`` fires at each grid
-    point and costs one extra (counted) score call there for x0_hat.
+    interval); without it, one adaptive solve over [T, eps]. Solver settings are checked and run by
+    ``sde.flow`` exactly as ``encode`` / ``decode`` / ``log_likelihood`` do.
 
     Args:
-        score_fn: score_fn(x, t) with t of shape (B,).
-        sde: the forward SDE.
-        x_T: the starting state at time T (batch first).
-        generator: unused (the ODE is deterministic); accepted for the shared signature.
-        callback: called at each grid point before its interval with {"i", "t", "x", "x0_hat"}.
-        progress: show a tqdm bar over the grid intervals.
-        method: the torchdiffeq method, a name in ``sde.flow.ODE_METHODS``: adaptive
-            ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun") or fixed-grid ("euler",
-            "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams").
-        rtol: relative tolerance of adaptive methods.
+        score_fn, sde, x_T, generator, progress: the shared sampler arguments (see ``sample``); the
+            ODE draws no noise, so ``generator`` is unused.
+        callback: called at each grid point before its interval with {"i", "t", "x", "x0_hat"}; costs
+            one extra (counted) score call there for x0_hat.
+        method: the torchdiffeq method, a name in ``sde.flow.ODE_METHODS``: adaptive ("dopri5", "dopri8",
+            "bosh3", "fehlberg2", "adaptive_heun") or fixed-grid ("euler", "midpoint", "heun2", "heun3",
+            "rk4", "explicit_adams", "implicit_adams", "fixed_adams").
+        rtol: relative tolerance of adaptive methods (and of implicit_adams' corrector).
         atol: absolute tolerance of adaptive methods.
-        steps: number of grid intervals; required by fixed-grid methods (one step each), an
-            optional output grid for adaptive ones (one adaptive solve per interval).
+        steps: number of grid intervals; required by fixed-grid methods (one step each), an optional
+            output grid for adaptive ones (one adaptive solve per interval).
         eps: end time of a named grid; default 1e-3 (VP, sub-VP) or 1e-5 (VE).
-        grid: the time grid used with ``steps``, a name in ``GRIDS`` ("uniform", "log_snr", "edm")
-            or the decreasing times themselves (then steps and eps follow from it).
+        grid: the time grid used with ``steps``, a name in ``GRIDS`` ("uniform", "log_snr", "edm") or
+            the decreasing times themselves (then steps and eps follow from it).
         rho: exponent of the "edm" grid.
         denoise_final: finish with one extra score call: Tweedie's E[x_0 | x_eps].
         options: torchdiffeq solver options of the method's kind (adaptive: first_step, step_t,
-            max_num_steps, norm, ...; fixed: step_size, interp, ...). Adaptive methods default to
+            max_num_steps, norm, ...; fixed: step_size, interp, ...); adaptive methods default to
             ``first_step`` = 1% of each interval.
 
     Returns:
@@ -86,11 +79,21 @@ def ode(
     """
     options = check_ode(method, rtol, atol, options)
     eps = check_common(sde, x_T, steps, eps)
-    ts = ode_times(sde, method, steps, default_eps(sde) if eps is None and isinstance(grid, str) else eps, grid,
-                   rho=rho)
-    opts = dict(method=method, rtol=rtol, atol=atol, steps=None if steps is None and isinstance(grid, str) else
-                len(ts) - 1, eps=ts[-1], grid=grid, denoise_final=denoise_final)
+    named = isinstance(grid, str)
+    ts = ode_times(sde, method, steps, default_eps(sde) if eps is None and named else eps, grid, rho=rho)
+    opts = dict(method=method, rtol=rtol, atol=atol, steps=None if steps is None and named else len(ts) - 1,
+                eps=ts[-1], grid=grid, denoise_final=denoise_final)
     score = CountedScore(score_fn)
+    with torch.no_grad():
+        x = _solve(sde, score, x_T, ts, opts, options, callback, progress)
+        if denoise_final:
+            x = denoise_step(sde, score, x, ts[-1])
+    return SampleResult(check_finite(x, "ode", opts), score.calls, "ode", opts)
+
+
+def _solve(sde: SDE, score: ScoreFn, x_T: Tensor, ts: list[float], opts: dict, options: dict,
+           callback: Callback | None, progress: bool) -> Tensor:
+    """The PF-ODE from ts[0] down to ts[-1] through ``sde.flow.integrate_ode``."""
     batch = x_T.shape[0]
 
     def velocity(t: Tensor, x: Tensor) -> Tensor:
@@ -100,10 +103,6 @@ def ode(
         tt = times(t, x)
         emit(callback, i, tt, x, tweedie(sde, x, tt, score(x, tt)))
 
-    with torch.no_grad():
-        x = integrate_ode(velocity, x_T, ts, method=method, rtol=rtol, atol=atol, options=options,
-                          first_step=FIRST_STEP, callback=None if callback is None else at_point,
-                          progress="ode" if progress else None)
-        if denoise_final:
-            x = denoise_step(sde, score, x, ts[-1])
-    return SampleResult(check_finite(x, "ode", opts), score.calls, "ode", opts)
+    return integrate_ode(velocity, x_T, ts, method=opts["method"], rtol=opts["rtol"], atol=opts["atol"],
+                         options=options, first_step=FIRST_STEP, callback=None if callback is None else at_point,
+                         progress="ode" if progress else None)

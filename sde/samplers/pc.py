@@ -32,13 +32,8 @@ from .predictors import PREDICTORS
 
 
 def pc(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x_T: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
+    score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, generator: torch.Generator | None = None,
+    callback: Callback | None = None, progress: bool = False,
     predictor: str = "reverse_diffusion",  # name in PREDICTORS
     corrector: str = "langevin",  # name in CORRECTORS, or "none"
     steps: int | None = None,  # predictor steps; default sde.N (1000)
@@ -57,12 +52,8 @@ def pc(
     takes its drift and diffusion from the reverse-time SDE ``sde.reverse(score_fn)``.
 
     Args:
-        score_fn: score_fn(x, t) with t of shape (B,).
-        sde: the forward SDE.
-        x_T: the starting state at time T (batch first).
-        generator: source of all the noise.
+        score_fn, sde, x_T, generator, progress: the shared sampler arguments (see ``sample``).
         callback: called after each predictor step with {"i", "t", "x", "x0_hat"} at t_i.
-        progress: show a tqdm bar.
         predictor: the reverse-time step, a name in ``PREDICTORS``: "reverse_diffusion" (the
             forward chain run backwards, Song et al. 2021 eq. 46), "euler_maruyama" (Euler-Maruyama
             on the reverse SDE) or "ancestral" (the Gaussian posterior of the forward kernel).
@@ -86,25 +77,32 @@ def pc(
         ValueError: unknown predictor/corrector/grid, steps < 1, eps outside (0, T), snr <= 0,
             n_steps < 1, step_lr <= 0.
     """
-    check_choice("predictor", predictor, PREDICTORS)
-    check_choice("corrector", corrector, CORRECTORS)
     eps = check_common(sde, x_T, steps, eps)
-    check_positive("snr", snr)
-    check_int("n_steps", n_steps, 1)
-    check_positive("step_lr", step_lr)
     ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=sde.N)
-    if predictor == "reverse_diffusion":
-        _check_discrete_chain(sde, ts, x_T)
-    options = dict(predictor=predictor, corrector=corrector, steps=len(ts) - 1, eps=ts[-1], grid=grid)
-    options["denoise_final"] = denoise_final
-    if corrector != "none":
-        options.update(n_steps=n_steps, **({"snr": snr} if corrector == "langevin" else {"step_lr": step_lr}))
+    options = _pc_options(sde, ts, x_T, predictor, corrector, grid, snr, n_steps, step_lr, denoise_final)
     score = CountedScore(score_fn)
     with torch.no_grad():
         x = _pc_loop(sde.reverse(score), x_T, ts, options, generator, callback, progress, _name)
         if denoise_final:
             x = denoise_step(sde, score, x, ts[-1])
     return SampleResult(check_finite(x, _name, options), score.calls, _name, options)
+
+
+def _pc_options(sde: SDE, ts: list[float], x_T: Tensor, predictor: str, corrector: str, grid: Grid, snr: float,
+                n_steps: int, step_lr: float, denoise_final: bool) -> dict:
+    """Check pc's own options; returns the options it runs with (the corrector's only when it runs)."""
+    check_choice("predictor", predictor, PREDICTORS)
+    check_choice("corrector", corrector, CORRECTORS)
+    check_positive("snr", snr)
+    check_int("n_steps", n_steps, 1)
+    check_positive("step_lr", step_lr)
+    if predictor == "reverse_diffusion":
+        _check_discrete_chain(sde, ts, x_T)
+    options = dict(predictor=predictor, corrector=corrector, steps=len(ts) - 1, eps=ts[-1], grid=grid)
+    options["denoise_final"] = denoise_final
+    if corrector != "none":
+        options.update(n_steps=n_steps, **({"snr": snr} if corrector == "langevin" else {"step_lr": step_lr}))
+    return options
 
 
 def _pc_loop(rsde: ReverseSDE, x: Tensor, ts: list[float], options: dict, generator: torch.Generator | None,
@@ -142,12 +140,8 @@ _PREDICTOR_ONLY_DOC = """
     ``pc`` with ``predictor`` set to this name and ``corrector="none"``.
 
     Args:
-        score_fn: score_fn(x, t) with t of shape (B,).
-        sde: the forward SDE.
-        x_T: the starting state at time T (batch first).
-        generator: source of all the noise.
+        score_fn, sde, x_T, generator, progress: the shared sampler arguments (see ``sample``).
         callback: called after each step with {"i", "t", "x", "x0_hat"} at t_i.
-        progress: show a tqdm bar.
         steps: number of steps (grid intervals); default ``sde.N``.
         eps: end time of a named grid; default 1e-3 (VP, sub-VP) or 1e-5 (VE).
         grid: the time grid, a name in ``GRIDS`` ("uniform", "log_snr", "edm") or the decreasing
