@@ -41,17 +41,9 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
 
 
 def sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape_or_x_T: tuple[int, ...] | torch.Size | Tensor,
-    sampler: str = "pc",
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-    batch_size: int | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    score_fn: ScoreFn, sde: SDE, shape_or_x_T: tuple[int, ...] | torch.Size | Tensor, sampler: str = "pc", *,
+    generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
+    batch_size: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     **options,
 ) -> SampleResult:
     """Draw samples with the named sampler.
@@ -68,7 +60,12 @@ def sample(
         batch_size: run at most this many samples at a time (each chunk's x_T is drawn just
             before it runs); only the final samples are kept.
         device, dtype: of the drawn x_T when a shape is given (default: torch's defaults).
-        **options: the sampler's own options (steps, eps, grid, order, ...).
+        **options: the sampler's own options, each documented in the Args of its function in
+            ``SAMPLERS`` (docs/api.md): ``pc`` (predictor, corrector, snr, ...; ``euler_maruyama``,
+            ``reverse_diffusion`` and ``ancestral`` are its predictor-only forms), ``ode`` (method,
+            rtol, atol, options: the ``sde.flow`` ODE helper), ``ddim`` (eta), ``heun`` (S_churn, ...),
+            ``dpm_solver`` (order, method, prediction, warmup, ...). All fixed-step samplers share
+            steps, eps, grid and rho (docs/samplers.md, "Time grids").
 
     Returns:
         SampleResult(x, nfe, sampler, options); with batching nfe sums over chunks.

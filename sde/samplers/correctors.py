@@ -41,6 +41,19 @@ def langevin(
     DDPM's 1 - beta_i for VP (to first order), 1 for VE, and well defined for sub-VP.
     As in the reference, the norms are per-sample norms averaged over the batch: a single
     sample's ratio is far too noisy in low dimension (the score vanishes at a mode).
+
+    Args:
+        sde: the forward SDE.
+        score_fn: score_fn(x, t); called ``n_steps`` times.
+        x: the state at time t.
+        t: the current time.
+        t_end: the sampler's end time (unused here; part of the corrector signature).
+        generator: draws the Langevin noise.
+        snr: the signal-to-noise ratio ||step score|| / ||noise|| that sets the step size.
+        n_steps: Langevin steps.
+
+    Returns:
+        x after the corrector steps.
     """
     tt = times(t, x)
     t_prev = times(max(t - sde.T / sde.N, 0.0), x)
@@ -66,7 +79,21 @@ def annealed_langevin(
     n_steps: int = 1,
 ) -> Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) at noise level sigma(t):
-    step = step_lr sigma(t)^2 / sigma(t_end)^2,  x <- x + step/2 score + sqrt(step) z."""
+    step = step_lr sigma(t)^2 / sigma(t_end)^2,  x <- x + step/2 score + sqrt(step) z.
+
+    Args:
+        sde: the forward SDE.
+        score_fn: score_fn(x, t); called ``n_steps`` times.
+        x: the state at time t.
+        t: the current time.
+        t_end: the sampler's end time: the step size is relative to sigma(t_end).
+        generator: draws the Langevin noise.
+        step_lr: the base step size at the end time (Song & Ermon 2019 use 2e-5).
+        n_steps: Langevin steps.
+
+    Returns:
+        x after the corrector steps.
+    """
     tt = times(t, x)
     sig_end = sde.sigma(times(t_end, x))
     step = bcast(step_lr * (sde.sigma(tt) / sig_end) ** 2, x)

@@ -40,7 +40,20 @@ def ddim(
     rho: float = 7.0,  # exponent of the "edm" grid
     denoise_final: bool = True,  # one extra score call: Tweedie's E[x_0 | x_eps]
 ) -> SampleResult:
-    """DDIM sampler (Song, Meng & Ermon 2021), generalised to any Gaussian-kernel SDE.
+    """DDIM sampler (Song, Meng & Ermon 2021, eq. 12), generalised to any Gaussian-kernel SDE.
+
+    Args:
+        score_fn, sde, x_T, generator, progress: the shared sampler arguments (see ``sample``);
+            ``generator`` draws the noise when eta > 0.
+        callback: called at each step with {"i", "t", "x", "x0_hat"} at t_i.
+        steps: number of steps (grid intervals, one score call each); default 50.
+        eps: end time of a named grid; default 1e-3 (VP, sub-VP) or 1e-5 (VE).
+        eta: the noise of each step as a fraction of the posterior std: 0 is the deterministic DDIM
+            (a first-order solver of the probability-flow ODE), 1 is ancestral sampling.
+        grid: the time grid, a name in ``GRIDS`` ("uniform", "log_snr", "edm") or the decreasing
+            times themselves (then steps and eps follow from it).
+        rho: exponent of the "edm" grid.
+        denoise_final: finish with one extra score call: Tweedie's E[x_0 | x_eps].
 
     Returns:
         SampleResult with nfe = steps + denoise_final.
