@@ -112,6 +112,8 @@ def table_quality(args) -> None:
                     cells.append(f"{energy_distance(res.x, data):.4f}")
                 except FloatingPointError:
                     cells.append("non-finite")
+                except ValueError:  # e.g. the DDPM chain of reverse_diffusion is undefined with so few steps
+                    cells.append("n/a")
             print(f"| {sde_name} | {label} | " + " | ".join(cells) + " |")
 
 

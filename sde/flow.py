@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ._checks import bcast, check_choice, check_open_interval, check_positive
+from ._checks import bcast, check_choice, check_int, check_open_interval, check_positive
 
 if TYPE_CHECKING:  # sdes.py imports this module (ReverseSDE is built on it)
     from .sdes import SDE, ScoreFn
@@ -176,10 +176,12 @@ def ode_times(sde: SDE, method: str, steps: int | None, eps: float, grid: str | 
         The times as Python floats (the callers traverse them backwards to run from eps to T).
 
     Raises:
-        ValueError: a fixed-grid method without steps, eps outside (0, T), the grid's checks.
+        ValueError: a fixed-grid method without steps, steps < 1, eps outside (0, T), the grid's checks.
     """
     from .samplers.grids import sampler_grid  # samplers import sdes, which imports this module
 
+    if steps is not None:
+        check_int("steps", steps, 1)
     if isinstance(grid, str) and steps is None:
         if method in FIXED_GRID_METHODS:
             raise ValueError(f"method={method!r} is a fixed-grid method: give steps (an int >= 1), got steps=None")

@@ -206,8 +206,6 @@ def _check_solve(sde: SDE, method: str, rtol: float, atol: float, steps: int | N
     """The one validation of sde.flow (the ``ode`` sampler's), with this module's default eps; with
     ``from_T`` (the caller's name) the grid must start at T, where the prior density is known."""
     options = check_ode(method, rtol, atol, options)
-    if steps is not None:
-        check_int("steps", steps, 1)
     eps = DEFAULT_EPS if eps is None and isinstance(grid, str) else eps
     ts = ode_times(sde, method, steps, eps, grid, rho=rho)
     if from_T is not None and ts[0] != sde.T:
