@@ -38,8 +38,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_payload(f: Any, data: bytes) -> None:
-    """Write all of ``data`` to the open temporary file ``f`` and fsync it (a seam for crash tests)."""
+def _write_payload(f: Any, data: bytes, path: Path) -> None:
+    """Write all of ``data`` (destined for ``path``) to the open temporary file ``f`` and fsync it.
+
+    Crash tests replace this function (monkeypatch) to stop a writer half-way; nothing else does.
+    """
     f.write(data)
     f.flush()
     os.fsync(f.fileno())
@@ -70,7 +73,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # group/world-readable like any other output
         with os.fdopen(fd, "wb") as f:
-            _write_payload(f, bytes(data))
+            _write_payload(f, bytes(data), path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

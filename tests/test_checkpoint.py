@@ -97,13 +97,40 @@ def test_resume_is_bit_exact(script, tmp_path):
     assert not torch.equal(fresh[1][0], straight[1][0])  # the comparison can fail
 
 
+# Fault injection lives here, not in the library: the writer's payload step is replaced so that the
+# second write of latest.pt (step 8, ckpt_every=4) stops half-way, touches a marker and waits to be killed.
+PAUSING_WRITER = textwrap.dedent('''
+    import os, runpy, sys, time
+    from pathlib import Path
+    import sde._io
+
+    out, steps, marker, script = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    real, latest_writes = sde._io._write_payload, []
+
+    def pausing(f, data, path):
+        if path.name == "latest.pt":
+            latest_writes.append(path)
+            if len(latest_writes) == 2:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                marker.touch()
+                time.sleep(3600)
+        real(f, data, path)
+
+    sde._io._write_payload = pausing
+    runpy.run_path(script)["run"](out, steps)
+''')
+
+
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_write_then_resume(script, tmp_path):
     path, ns = script
     out, marker = tmp_path / "killed", tmp_path / "paused"
-    env = dict(os.environ, SDE_TEST_CKPT_PAUSE_STEP="8", SDE_TEST_CKPT_PAUSE_MARKER=str(marker),
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen([sys.executable, str(path), str(out), "12"], env=env, cwd=REPO,
+    wrapper = tmp_path / "pausing_writer.py"
+    wrapper.write_text(PAUSING_WRITER)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.Popen([sys.executable, str(wrapper), str(out), "12", str(marker), str(path)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
