@@ -77,9 +77,8 @@ def test_primary_configs_compose_with_defaults(primary):
 
 @pytest.mark.parametrize("sde_name", SDES)
 def test_sde_configs_build(sde_name):
-    from sde.sdes import SDE
-
     from sde.checkpoint import SDES
+    from sde.sdes import SDE
 
     cfg = _compose("sample", [f"sde={sde_name}", "score.path=x"])
     sde = build_sde(cfg)
