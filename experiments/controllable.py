@@ -165,7 +165,8 @@ def make_mask(control: DictConfig, shape: tuple[int, ...], generator: torch.Gene
     if not path.is_file():
         raise ValueError(f"control.mask={name!r} is neither a preset {list(MASK_PRESETS)} nor an existing "
                          f".pt/.npy file")
-    raw = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+    raw = torch.from_numpy(np.load(path, allow_pickle=False)) if path.suffix == ".npy" \
+        else torch.load(path, weights_only=True)
     mask = torch.as_tensor(raw).to(device=device, dtype=dtype)
     fits = mask.dim() in (2, 3, 4) and mask.shape[-2:] == (h, w) and (mask.dim() == 2 or mask.shape[-3] in (1, c)) \
         and (mask.dim() < 4 or mask.shape[0] in (1, b))
