@@ -264,3 +264,21 @@ def test_image_grid_places_each_image_in_its_tile():
     assert (grid[4:6, 1:4] == 255).all()  # tile (1, 0) holds image 3
     assert (grid[1:3, 1:4] == 0).all() and (grid[4:6, 5:8] == 0).all()  # images 0 and 4 are black
     assert (grid[4:6, 9:12] == 255).all()  # the missing 6th tile is background
+
+
+def test_score_kinds_are_a_registry_and_oracle_gives_a_typed_source():
+    from _common.models import SCORE_KINDS, ScoreSource, score_source
+
+    from sde.oracle import GaussianMixture
+    from sde.sdes import SubVPSDE
+
+    assert {"checkpoint", "oracle"} <= set(SCORE_KINDS)
+    cfg = _compose("sample", ["data=gmm", "score=oracle", "sde=subvp"], hydra_node=False)
+    source = score_source(cfg, [], torch.device("cpu"), torch.float64)
+    assert isinstance(source, ScoreSource) and source.kind == "oracle" and source.model is None
+    assert isinstance(source.oracle, GaussianMixture) and type(source.sde) is SubVPSDE and source.shape == (2,)
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    assert torch.equal(source.score_fn(x, torch.full((3,), 0.5)), source.oracle.score_fn(source.sde)(x, 0.5))
+    cfg.score.kind = "nope"
+    with pytest.raises(ValueError, match=r"score.kind='nope' is not supported; choose one of \['checkpoint', 'or"):
+        score_source(cfg, [], torch.device("cpu"), torch.float64)

@@ -129,7 +129,9 @@ class Trainer:
             ``config.best_metric`` selects ``best.pt``.
         log_fn: receives ``{"step", "loss", "lr", "grad_norm", "steps_per_sec"}`` every ``log_every``
             steps (and the eval metrics) on rank 0.
-        model_config: primitives describing the architecture; stored and compared on resume.
+        model_config: primitives describing the architecture; stored and compared on resume. A
+            ``{"sde", "model", "data"}`` description (the conf/ nodes, as experiments/train.py gives)
+            makes the checkpoints loadable by ``sde.checkpoint.load_score_model`` and every app.
         device: default: this rank's GPU under NCCL, else the device of the model's parameters.
 
     Raises:
