@@ -16,6 +16,7 @@ guidance on digits the digits classifier's accuracy on the requested classes) an
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -23,14 +24,35 @@ import numpy as np
 import torch
 from _common import load_data, plots
 from _common.app import run_task
-from _common.models import build_sde, config_diff, load_checkpoint
+from _common.models import ScoreSource, build_sde, config_diff, score_source
 from _common.sampling import draw
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.nn import functional as F
 
+from sde.checkpoint import load_checkpoint, save_checkpoint
+
 MASK_PRESETS = ("left_half", "right_half", "top_half", "centre_box", "random")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every control runner gets besides the config: the score model and where to run."""
+
+    source: ScoreSource  # the checkpoint's model, SDE and data description
+    device: torch.device
+    dtype: torch.dtype
+    generator: torch.Generator
+    images: Tensor | None = None  # the first num_images test images (inverse problems, interpolation)
+
+    @property
+    def model(self):
+        return self.source.model
+
+    @property
+    def sde(self):
+        return self.source.sde
 
 
 # -- class-conditional generation -------------------------------------------------------------------
@@ -45,9 +67,9 @@ def _class_ids(cfg: DictConfig, num_classes: int, device) -> Tensor:
     return torch.tensor(ids, device=device).repeat(math.ceil(cfg.num_images / len(ids)))[: cfg.num_images]
 
 
-def _class_metrics(cfg: DictConfig, x: Tensor, y: Tensor) -> dict:
+def _class_metrics(job: Job, x: Tensor, y: Tensor) -> dict:
     """For digits: how often the project's digits classifier sees the requested class."""
-    if cfg.data.name != "digits":
+    if job.source.data.name != "digits":
         return {}
     from sde.features import get_digits_classifier
 
@@ -56,34 +78,33 @@ def _class_metrics(cfg: DictConfig, x: Tensor, y: Tensor) -> dict:
         return {"class_accuracy": (clf.logits(x).argmax(1) == y).double().mean().item()}
 
 
-def _guided(cfg: DictConfig, ctx: dict, score_fn) -> tuple[dict, dict]:
-    x, nfe, _ = draw(score_fn, ctx["sde"], cfg.sampler, (cfg.num_images, *ctx["shape"]), generator=ctx["generator"],
-                     device=ctx["device"], dtype=ctx["dtype"])
-    y = ctx["labels"]
+def _guided(cfg: DictConfig, job: Job, score_fn, y: Tensor) -> tuple[dict, dict]:
+    x, nfe, _ = draw(score_fn, job.sde, cfg.sampler, (cfg.num_images, *job.source.shape), generator=job.generator,
+                     device=job.device, dtype=job.dtype)
     per_class = int(math.ceil(cfg.num_images / len(set(y.tolist()))))
-    metrics = {"scale": float(cfg.control.scale), "nfe": nfe, **_class_metrics(cfg, x, y)}
+    metrics = {"scale": float(cfg.control.scale), "nfe": nfe, **_class_metrics(job, x, y)}
     return metrics, {"x": x, "labels": y, "grid": (x, per_class)}
 
 
-def _need_classes(ctx: dict, what: str) -> int:
-    model = ctx["model"]
-    k = int(getattr(model, "num_classes", 0))
+def _need_classes(job: Job, what: str) -> int:
+    k = int(getattr(job.model, "num_classes", 0))
     if k == 0:
-        raise ValueError(f"control={what} needs a class-conditional model, but the checkpoint {ctx['path']!r} has "
+        raise ValueError(f"control={what} needs a class-conditional model, but the checkpoint "
+                         f"{str(job.source.checkpoint_path)!r} has "
                          f"model.net.num_classes=0 (no class embedding). Train one with\n    python experiments/"
                          f"train.py model.net.num_classes=10  (label dropout gives the unconditional null class)")
     return k
 
 
-def run_cfg(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+def run_cfg(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     """Classifier-free guidance with the checkpoint's own null class."""
     from sde.guidance import cfg_score
 
-    ctx["labels"] = _class_ids(cfg, _need_classes(ctx, "cfg"), ctx["device"])
-    return _guided(cfg, ctx, cfg_score(ctx["model"], ctx["labels"], scale=float(cfg.control.scale)))
+    y = _class_ids(cfg, _need_classes(job, "cfg"), job.device)
+    return _guided(cfg, job, cfg_score(job.model, y, scale=float(cfg.control.scale)), y)
 
 
-def _load_classifier(cfg: DictConfig, ctx: dict):
+def _load_classifier(cfg: DictConfig, job: Job):
     from train_classifier import build_classifier
 
     if cfg.classifier_path is None:
@@ -93,27 +114,27 @@ def _load_classifier(cfg: DictConfig, ctx: dict):
     if not path.is_file():
         raise FileNotFoundError(f"classifier_path={str(path)!r} does not exist (python experiments/train_classifier.py "
                                 f"writes <run>/classifier.pt)")
-    ckpt = torch.load(path, map_location=ctx["device"], weights_only=True)
+    ckpt = load_checkpoint(path, map_location=job.device)
     saved = OmegaConf.create(ckpt["config"])
-    diffs = config_diff({"sde": ckpt["config"]["sde"]}, {"sde": OmegaConf.to_container(cfg.sde, resolve=True)})
-    diffs += [f"data.shape: classifier={list(saved.data.shape)} model={list(cfg.data.shape)}"
-              for _ in [0] if list(saved.data.shape) != list(cfg.data.shape)]
+    diffs = config_diff({"sde": ckpt["config"]["sde"]}, {"sde": job.source.sde_config})
+    diffs += [f"data.shape: classifier={list(saved.data.shape)} model={list(job.source.shape)}"
+              for _ in [0] if tuple(saved.data.shape) != job.source.shape]
     if diffs:
         raise ValueError(f"classifier {str(path)!r} was trained for another SDE or data set than the score model:\n  "
                          + "\n  ".join(diffs))
-    classifier = build_classifier(saved, build_sde(saved)).to(device=ctx["device"], dtype=ctx["dtype"])
+    classifier = build_classifier(saved, build_sde(saved)).to(device=job.device, dtype=job.dtype)
     classifier.load_state_dict(ckpt["classifier"])
     return classifier.eval().requires_grad_(False)
 
 
-def run_classifier_guidance(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+def run_classifier_guidance(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     """Unconditional score (the null class of a conditional model) plus the classifier's gradient."""
     from sde.guidance import classifier_guided_score
 
-    classifier = _load_classifier(cfg, ctx)
-    ctx["labels"] = _class_ids(cfg, classifier.num_classes, ctx["device"])
-    score = classifier_guided_score(ctx["model"], classifier, ctx["labels"], scale=float(cfg.control.scale))
-    return _guided(cfg, ctx, score)
+    classifier = _load_classifier(cfg, job)
+    y = _class_ids(cfg, classifier.num_classes, job.device)
+    score = classifier_guided_score(job.model, classifier, y, scale=float(cfg.control.scale))
+    return _guided(cfg, job, score, y)
 
 
 # -- inverse problems -------------------------------------------------------------------------------
@@ -144,7 +165,8 @@ def make_mask(control: DictConfig, shape: tuple[int, ...], generator: torch.Gene
     if not path.is_file():
         raise ValueError(f"control.mask={name!r} is neither a preset {list(MASK_PRESETS)} nor an existing "
                          f".pt/.npy file")
-    raw = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+    raw = torch.from_numpy(np.load(path, allow_pickle=False)) if path.suffix == ".npy" \
+        else torch.load(path, weights_only=True)
     mask = torch.as_tensor(raw).to(device=device, dtype=dtype)
     fits = mask.dim() in (2, 3, 4) and mask.shape[-2:] == (h, w) and (mask.dim() == 2 or mask.shape[-3] in (1, c)) \
         and (mask.dim() < 4 or mask.shape[0] in (1, b))
@@ -157,12 +179,12 @@ def make_mask(control: DictConfig, shape: tuple[int, ...], generator: torch.Gene
         else mask.expand(b, 1, h, w)
 
 
-def _solve(cfg: DictConfig, ctx: dict, constraint) -> tuple[Tensor, int]:
+def _solve(cfg: DictConfig, job: Job, constraint) -> tuple[Tensor, int]:
     from sde.inverse import solve_inverse
 
     options = OmegaConf.to_container(cfg.sampler.options, resolve=True) if cfg.sampler.get("options") else {}
-    res = solve_inverse(ctx["model"], ctx["sde"], constraint, conditioning=cfg.control.conditioning,
-                        sampler=cfg.sampler.name, zeta=float(cfg.control.zeta), generator=ctx["generator"], **options)
+    res = solve_inverse(job.model, job.sde, constraint, conditioning=cfg.control.conditioning,
+                        sampler=cfg.sampler.name, zeta=float(cfg.control.zeta), generator=job.generator, **options)
     return res.x.detach(), int(res.nfe)
 
 
@@ -173,13 +195,13 @@ def _inverse_metrics(x: Tensor, truth: Tensor, constraint, nfe: int, cfg: DictCo
             "mse_to_truth": (x - truth).pow(2).mean().item()}  # the sampled part vs the held-out ground truth
 
 
-def run_inpaint(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+def run_inpaint(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     from sde.inverse import inpainting_constraint
 
-    truth = ctx["images"]
-    mask = make_mask(cfg.control, tuple(truth.shape), ctx["generator"], truth.device, truth.dtype)
+    truth = job.images
+    mask = make_mask(cfg.control, tuple(truth.shape), job.generator, truth.device, truth.dtype)
     constraint = inpainting_constraint(truth, mask)
-    x, nfe = _solve(cfg, ctx, constraint)
+    x, nfe = _solve(cfg, job, constraint)
     observed = truth * mask  # unknown pixels shown as mid grey (0)
     metrics = {**_inverse_metrics(x, truth, constraint, nfe, cfg), "known_fraction": mask.mean().item()}
     mask_row = (mask * 2 - 1).expand_as(truth)
@@ -187,31 +209,31 @@ def run_inpaint(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
                      "grid": (torch.cat([truth, observed, mask_row, x]), truth.shape[0])}
 
 
-def run_colorize(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+def run_colorize(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     from sde.inverse import colorization_constraint
 
-    truth = ctx["images"]
+    truth = job.images
     if truth.shape[1] != 3:
-        raise ValueError(f"control=colorize needs 3-channel (RGB) images, but data={cfg.data.name!r} has "
+        raise ValueError(f"control=colorize needs 3-channel (RGB) images, but data={job.source.data.name!r} has "
                          f"{truth.shape[1]} channel(s), shape {tuple(truth.shape[1:])}; use e.g. data=cifar10")
     gray = truth.mean(1, keepdim=True)
     constraint = colorization_constraint(gray)
-    x, nfe = _solve(cfg, ctx, constraint)
+    x, nfe = _solve(cfg, job, constraint)
     observed = gray.expand_as(truth)
     return _inverse_metrics(x, truth, constraint, nfe, cfg), {
         "x": x, "truth": truth, "observed": gray, "grid": (torch.cat([truth, observed, x]), truth.shape[0])}
 
 
-def run_super_resolve(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+def run_super_resolve(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     from sde.inverse import super_resolution_constraint
 
-    truth, f = ctx["images"], cfg.control.factor
+    truth, f = job.images, cfg.control.factor
     if isinstance(f, bool) or not isinstance(f, int) or f < 1 or truth.shape[-1] % f or truth.shape[-2] % f:
         raise ValueError(f"control.factor={f!r} must be a positive integer dividing the image size "
                          f"{tuple(truth.shape[-2:])}")
     low = F.avg_pool2d(truth, f)
     constraint = super_resolution_constraint(low, f)
-    x, nfe = _solve(cfg, ctx, constraint)
+    x, nfe = _solve(cfg, job, constraint)
     metrics = {**_inverse_metrics(x, truth, constraint, nfe, cfg), "factor": f,
                "downsample_max_error": (F.avg_pool2d(x, f) - low).abs().max().item()}
     observed = constraint.target  # the low-resolution image, nearest-upsampled
@@ -219,17 +241,17 @@ def run_super_resolve(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
 
 
 # -- interpolation --------------------------------------------------------------------------------
-def run_interpolate(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
+def run_interpolate(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     from sde.interpolation import interpolate
 
-    images = ctx["images"]
+    images = job.images
     pairs = max(1, images.shape[0] // 2)
     if images.shape[0] < 2:
         raise ValueError(f"control=interpolate needs num_images >= 2 (pairs of test images), got {cfg.num_images}")
     x0, x1 = images[:pairs], images[pairs:2 * pairs]
     ode = OmegaConf.to_container(cfg.control.ode, resolve=True)
     with torch.no_grad():
-        path = interpolate(ctx["model"], ctx["sde"], x0, x1, int(cfg.control.steps), kind=cfg.control.kind, **ode)
+        path = interpolate(job.model, job.sde, x0, x1, int(cfg.control.steps), kind=cfg.control.kind, **ode)
     rows = path.transpose(0, 1)  # (pairs, steps, ...): one row per pair
     metrics = {"kind": cfg.control.kind, "steps": int(cfg.control.steps), "pairs": pairs,
                # how well the ODE round trip (encode, decode) returns the end points
@@ -237,7 +259,7 @@ def run_interpolate(cfg: DictConfig, ctx: dict) -> tuple[dict, dict]:
     return metrics, {"x": path, "x0": x0, "x1": x1, "grid": (rows.flatten(0, 1), path.shape[0])}
 
 
-CONTROLS = {  # control.name -> runner(cfg, ctx) -> (metrics, tensors incl. "grid": (images, nrow))
+CONTROLS = {  # control.name -> runner(cfg, job) -> (metrics, tensors incl. "grid": (images, nrow))
     "cfg": run_cfg,
     "classifier_guidance": run_classifier_guidance,
     "inpaint": run_inpaint,
@@ -249,20 +271,19 @@ CONTROLS = {  # control.name -> runner(cfg, ctx) -> (metrics, tensors incl. "gri
 
 def run(cfg: DictConfig, tracker, out: Path, device, dtype, generator) -> dict:
     from sde._checks import check_choice
-    from sde.training.checkpoint import save_checkpoint
 
     runner = CONTROLS[check_choice("control.name", cfg.control.name, CONTROLS)]
     if isinstance(cfg.num_images, bool) or not isinstance(cfg.num_images, int) or cfg.num_images < 1:
         raise ValueError(f"num_images={cfg.num_images!r} must be a positive integer")
-    model, cfg, _ = load_checkpoint(cfg, list(HydraConfig.get().overrides.task), device, dtype)
-    ctx = {"model": model, "sde": model.sde, "device": device, "dtype": dtype, "generator": generator,
-           "path": str(cfg.score.path), "shape": tuple(int(s) for s in cfg.data.shape)}
+    source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
+    if source.model is None:
+        raise ValueError(f"controllable.py needs a trained model (score=checkpoint), got score.kind={source.kind!r}")
+    images = None
     if cfg.control.name not in ("cfg", "classifier_guidance"):
-        test = load_data(cfg.data, split="test")
-        ctx["images"] = test.data[: cfg.num_images].to(device=device, dtype=dtype)
-    metrics, tensors = runner(cfg, ctx)
+        images = load_data(source.data, split="test").data[: cfg.num_images].to(device=device, dtype=dtype)
+    metrics, tensors = runner(cfg, Job(source, device, dtype, generator, images))
     grid, nrow = tensors.pop("grid")
-    if cfg.data.image:
+    if source.data.image:
         picture = plots.save_grid(grid, out / f"{cfg.control.name}.png", nrow=nrow)
         tracker.image(cfg.control.name, picture, caption=f"{cfg.control.name}, {cfg.sampler.name}")
     save_checkpoint(out / "results.pt", {k: v.detach().cpu() for k, v in tensors.items()})

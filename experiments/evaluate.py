@@ -51,19 +51,19 @@ def quality(x: torch.Tensor, ref: torch.Tensor, digits: bool, generator: torch.G
 def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common import plots
 
-    overrides = list(HydraConfig.get().overrides.task)
-    score_fn, sde, cfg, extras = score_source(cfg, overrides, device, dtype)
-    test = load_data(cfg.data, split=cfg.split).data.to(device=device, dtype=dtype)
+    source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
+    test = load_data(source.data, split=cfg.split).data.to(device=device, dtype=dtype)
     n = min(cfg.num_samples, test.shape[0] // 2)  # the floor needs a second, disjoint set of n test points
-    x, nfe, _ = draw(score_fn, sde, cfg.sampler, (n, *test.shape[1:]), generator=generator, device=device,
-                     dtype=dtype, batch_size=cfg.batch_size)
-    digits = cfg.data.name == "digits"
+    x, nfe, _ = draw(source.score_fn, source.sde, cfg.sampler, (n, *test.shape[1:]), generator=generator,
+                     device=device, dtype=dtype, batch_size=cfg.batch_size)
+    digits = source.data.name == "digits"
     sampler = HydraConfig.get().runtime.choices.get("sampler")
-    metrics = {"task": "evaluate", "sde": type(sde).__name__, "sampler": sampler, "nfe": nfe, "num_samples": n}
+    metrics = {"task": "evaluate", "sde": type(source.sde).__name__, "sampler": sampler, "nfe": nfe,
+               "num_samples": n}
     metrics.update(quality(x, test[:n], digits, generator))
     floor = quality(test[n:2 * n], test[:n], digits, generator)  # held-out data vs the same reference
     metrics.update({f"floor_{k}": v for k, v in floor.items()})
-    if cfg.data.image:
+    if source.data.image:
         tracker.image("samples", plots.save_grid(x[:64], out / "samples.png"))
     else:
         tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=test))

@@ -4,7 +4,10 @@
     python experiments/likelihood.py score.path=... likelihood.divergence=exact num_points=0
     python experiments/likelihood.py data=gmm score=oracle sde=subvp   # checks against exact log p_eps
 
-Writes metrics.json, logp.pt (per-point values) and a histogram bpd_hist.png / logp_hist.png.
+Quantized data is scored with the dataset's own dequantization and bits/dim convention
+(ArrayDataset.bits_per_dim, the function train.py's test_bpd comes from): with the same checkpoint,
+points, seed, batch size and ODE options the two apps report the same number. Writes metrics.json,
+logp.pt (per-point log-density of the dequantized points, nats) and histograms bpd_hist.png / logp_hist.png.
 """
 
 from __future__ import annotations
@@ -13,54 +16,55 @@ import time
 
 import hydra
 import torch
-from _common import load_data
+from _common import bpd_generator, load_data
 from _common.app import run_task
 from _common.models import num_dims, score_source
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from sde._io import atomic_torch_save
 
-def _dequantize(x: torch.Tensor, levels: int, generator: torch.Generator) -> torch.Tensor:
-    """[-1, 1] data on the grid of ``levels`` values -> y = 2 (k + u) / levels - 1, u ~ U[0, 1)^D."""
-    k = torch.round((x.double() + 1) / 2 * (levels - 1))
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
-    return (2 * (k + u) / levels - 1).to(x.dtype)
+
+def _quantized(cfg: DictConfig, data, x: torch.Tensor, score_fn, sde, opts: dict, generator) -> tuple[dict, object]:
+    """Bits/dim through the dataset's own convention (ArrayDataset.bits_per_dim): the test_bpd of train.py."""
+    res = data.bits_per_dim(score_fn, sde, x, generator=generator, batch_size=cfg.batch_size, dtype=x.dtype, **opts)
+    metrics = {"nfe": res.nfe, "nll_nats": -res.logp.mean().item(),
+               "nll_nats_se": (res.logp[0].std() / x.shape[0] ** 0.5).item(),
+               "bpd": res.mean, "bpd_se": res.stderr, "levels": int(data.levels)}
+    return metrics, res
 
 
 def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common import plots
 
-    from sde.likelihood import bits_per_dim, log_likelihood
+    from sde.likelihood import log_likelihood
 
-    overrides = list(HydraConfig.get().overrides.task)
-    score_fn, sde, cfg, extras = score_source(cfg, overrides, device, dtype)
-    data = load_data(cfg.data, split=cfg.split)
+    source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
+    data = load_data(source.data, split=cfg.split)
     x = data.data.to(device=device, dtype=dtype)
     if cfg.num_points:
         x = x[: cfg.num_points]
-    levels = getattr(data, "levels", None)
     opts = OmegaConf.to_container(cfg.likelihood, resolve=True)
-    y = _dequantize(x, int(levels), generator) if levels else x
+    metrics = {"task": "likelihood", "score": source.kind, "sde": type(source.sde).__name__, "points": x.shape[0],
+               "dims": num_dims(data.shape), "divergence": opts["divergence"]}
     t0 = time.perf_counter()
-    res = log_likelihood(score_fn, sde, y, generator=generator, batch_size=cfg.batch_size, **opts)
-    seconds = time.perf_counter() - t0
-    D = num_dims(data.shape)
-    metrics = {"task": "likelihood", "score": cfg.score.kind, "sde": type(sde).__name__, "points": x.shape[0],
-               "dims": D, "divergence": opts["divergence"], "nfe": int(res.nfe), "seconds": seconds,
-               "nll_nats": -res.logp.mean().item(), "nll_nats_se": (res.logp.std() / x.shape[0] ** 0.5).item()}
-    torch.save(res.logp.cpu(), out / "logp.pt")
-    if levels:
-        bpd = bits_per_dim(res.logp.double(), D, levels=int(levels), scale=2.0)
-        metrics.update({"bpd": bpd.mean().item(), "bpd_se": (bpd.std() / bpd.numel() ** 0.5).item(),
-                        "levels": int(levels)})
-        tracker.image("bpd_histogram", plots.save_histogram(bpd, out / "bpd_hist.png", "bits/dim"))
     exact = None
-    if "oracle" in extras:
-        # The ODE starts at eps, so the model density is that of p_eps, known exactly.
-        exact = extras["oracle"].log_prob(y.double(), sde, opts.get("eps", 1e-5))
-        metrics.update({"exact_nll_nats": -exact.mean().item(),
-                        "mean_abs_logp_error": (res.logp.double() - exact).abs().mean().item()})
-    tracker.image("logp_histogram", plots.save_histogram(res.logp, out / "logp_hist.png", "log p (nats)",
+    if getattr(data, "levels", None):
+        values, res = _quantized(cfg, data, x, source.score_fn, source.sde, opts, bpd_generator(cfg.seed, device))
+        logp = res.logp[0]
+        tracker.image("bpd_histogram", plots.save_histogram(res.values, out / "bpd_hist.png", "bits/dim"))
+    else:  # continuous data: nats
+        lik = log_likelihood(source.score_fn, source.sde, x, generator=generator, batch_size=cfg.batch_size, **opts)
+        logp = lik.logp
+        values = {"nfe": int(lik.nfe), "nll_nats": -logp.mean().item(),
+                  "nll_nats_se": (logp.std() / x.shape[0] ** 0.5).item()}
+        if source.oracle is not None:  # the ODE starts at eps, so the model density is that of p_eps, known exactly
+            exact = source.oracle.log_prob(x.double(), source.sde, opts.get("eps", 1e-5))
+            values.update({"exact_nll_nats": -exact.mean().item(),
+                           "mean_abs_logp_error": (logp.double() - exact).abs().mean().item()})
+    metrics.update({"seconds": time.perf_counter() - t0, **values})
+    atomic_torch_save(logp.cpu(), out / "logp.pt")
+    tracker.image("logp_histogram", plots.save_histogram(logp, out / "logp_hist.png", "log p (nats)",
                                                          reference=exact))
     return metrics
 

@@ -19,6 +19,8 @@ from _common.sampling import draw
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from sde._io import atomic_torch_save
+
 
 def oracle_metrics(x: torch.Tensor, oracle, cfg: DictConfig, generator: torch.Generator) -> dict:
     """Sample quality against the exact mixture (all float64)."""
@@ -47,25 +49,25 @@ def oracle_metrics(x: torch.Tensor, oracle, cfg: DictConfig, generator: torch.Ge
 def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common import plots
 
-    overrides = list(HydraConfig.get().overrides.task)
-    score_fn, sde, cfg, extras = score_source(cfg, overrides, device, dtype)
-    shape = (cfg.num_samples, *[int(s) for s in cfg.data.shape])
-    x, nfe, strip = draw(score_fn, sde, cfg.sampler, shape, generator=generator, device=device, dtype=dtype,
-                         batch_size=cfg.batch_size, strip_frames=cfg.strip_frames if cfg.data.image else 0)
+    source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
+    sde, image = source.sde, source.data.image
+    x, nfe, strip = draw(source.score_fn, sde, cfg.sampler, (cfg.num_samples, *source.shape), generator=generator,
+                         device=device, dtype=dtype, batch_size=cfg.batch_size,
+                         strip_frames=cfg.strip_frames if image else 0)
     choices = HydraConfig.get().runtime.choices
-    metrics = {"task": "sample", "score": cfg.score.kind, "sde": type(sde).__name__,
+    metrics = {"task": "sample", "score": source.kind, "sde": type(sde).__name__,
                "sampler": choices.get("sampler"), "nfe": nfe, "num_samples": cfg.num_samples}
-    torch.save(x.cpu(), out / "samples.pt")
-    if cfg.data.image:
+    atomic_torch_save(x.cpu(), out / "samples.pt")
+    if image:
         tracker.image("samples", plots.save_grid(x[:64], out / "samples.png"), caption=f"{cfg.sampler.name}, NFE {nfe}")
         if strip:
             tracker.image("denoising_strip", plots.save_strip(strip, out / "strip.png"))
     else:
-        reference = extras["oracle"].sample(4000, generator=generator) if "oracle" in extras else None
+        reference = source.oracle.sample(4000, generator=generator) if source.oracle is not None else None
         title = f"{metrics['sde']} / {cfg.sampler.name} (NFE {nfe})"
         tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=reference, title=title))
-    if "oracle" in extras:
-        metrics.update(oracle_metrics(x, extras["oracle"], cfg, generator))
+    if source.oracle is not None:
+        metrics.update(oracle_metrics(x, source.oracle, cfg, generator))
     return metrics
 
 

@@ -1,16 +1,19 @@
 """Train a score model, then sample a grid, measure test bits/dim and save pictures.
 
     python experiments/train.py                       # digits, VP SDE, MLP: the main job
-    python experiments/train.py sde=ve model=unet train.steps=2000 logger=none
+    python experiments/train.py sde=ve model=unet train.total_steps=2000 logger=none
     python experiments/train.py -m sde=vp,subvp,ve    # a sweep; results.md in the sweep folder
-    python experiments/train.py model.net.num_classes=10 train.label_dropout=0.1  # conditional (CFG-ready)
+    python experiments/train.py model.net.num_classes=10 loss.label_dropout=0.1  # conditional (CFG-ready)
+    python experiments/train.py train.resume=last     # continue the newest killed run of this name in its folder
 
-Quantized data (digits, MNIST, CIFAR-10) trains on dequantized samples (sde.losses.dequantized) and test
-bits/dim uses the dataset's own bins (ArrayDataset.bpd_options), so both score the same continuous density.
+The ``train:`` node is sde.training.TrainConfig field for field. Quantized data (digits, MNIST, CIFAR-10)
+trains on the dataset's dequantization (sde.data.dequantize) and test bits/dim uses the same
+dataset's convention (ArrayDataset.bits_per_dim), so both score the same continuous density.
 
 Training runs in sde.training.Trainer (EMA, warm-up, clipping, atomic checkpoints, resume). Writes into
-its run folder: checkpoint.pt (+ checkpoints/latest.pt, best.pt, step_*.pt), samples.png (or samples_2d.png),
-strip.png, metrics.json; prints a summary table at the end.
+its run folder: train_config.json (at the start), checkpoint.pt (the Trainer's checkpoint format, like
+checkpoints/latest.pt, best.pt, step_*.pt), samples.png (or samples_2d.png), strip.png, metrics.json (at
+the end: a run without it is unfinished); prints a summary table at the end.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import time
 
 import hydra
 import torch
-from _common import load_data, to_plain
+from _common import bpd_generator, load_data, to_plain
 from _common.app import run_task
-from _common.models import build_model, build_sde, num_dims, save_checkpoint
+from _common.models import CHECKPOINT_KEYS, build_model, build_sde, num_dims
 from _common.sampling import draw
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -41,14 +44,15 @@ def _validation_loss(model, loss_fn, data, labels, cfg) -> float:
 
 
 def _loss_function(cfg: DictConfig, train_set, num_classes: int):
-    """DSM loss, on dequantized data for quantized data sets (the space test bits/dim scores), with label
-    dropout to the null class for conditional models (one network serves classifier-free guidance)."""
+    """The training loss: ``cfg.loss`` options of dsm_loss, on dequantized data for quantized data sets (the
+    dataset's own dequantization, the space test bits/dim scores), with label dropout to the null class for
+    conditional models (one network then serves classifier-free guidance)."""
     from sde.losses import dequantized, dsm_loss
     from sde.models import drop_labels
 
-    loss = functools.partial(dsm_loss, likelihood_weighting=cfg.train.likelihood_weighting, eps=cfg.train.eps)
+    loss = functools.partial(dsm_loss, likelihood_weighting=cfg.loss.likelihood_weighting, eps=cfg.loss.eps)
     if getattr(train_set, "levels", None):
-        loss = dequantized(loss, int(train_set.levels))
+        loss = dequantized(loss, int(train_set.levels))  # the dataset's dequantization (sde.data.dequantize)
     if num_classes == 0:
         return loss
     p = _label_dropout(cfg)
@@ -61,10 +65,10 @@ def _loss_function(cfg: DictConfig, train_set, num_classes: int):
 
 
 def _label_dropout(cfg: DictConfig) -> float:
-    """train.label_dropout: probability of training on the null class (classifier-free guidance), default 0.1."""
-    p = cfg.train.label_dropout
+    """loss.label_dropout: probability of training on the null class (classifier-free guidance), default 0.1."""
+    p = cfg.loss.label_dropout
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"train.label_dropout={p!r} must be a probability in [0, 1]")
+        raise ValueError(f"loss.label_dropout={p!r} must be a probability in [0, 1]")
     return float(p)
 
 
@@ -80,9 +84,23 @@ def _labels(cfg: DictConfig, data_set, num_classes: int, device) -> torch.Tensor
     return data_set.labels.to(device)
 
 
-def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
-    from sde.training import TrainConfig, Trainer
+def train_config(cfg: DictConfig, out, n_train: int, resume: bool):
+    """``TrainConfig(**cfg.train)``: the node mirrors it field for field; the app fills the run folder
+    (out_dir null -> <run>/checkpoints), the resume decision and caps the batch at the training-set size."""
+    from sde.training import TrainConfig
 
+    fields = to_plain(cfg.train)
+    fields.update(out_dir=fields["out_dir"] or str(out / "checkpoints"), resume=resume,
+                  batch_size=min(int(fields["batch_size"]), n_train))
+    return TrainConfig(**fields)
+
+
+def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
+    from _common.resume import start
+
+    from sde.training import Trainer
+
+    resume = start(cfg, out)
     train_set = load_data(cfg.data, split="train")
     test_set = load_data(cfg.data, split="test")
     x_train = train_set.data.to(device=device, dtype=dtype)
@@ -92,42 +110,30 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     num_classes = int(cfg.model.net.get("num_classes", 0) or 0)
     _label_dropout(cfg)  # checked before any training
     y_train, y_test = _labels(cfg, train_set, num_classes, device), _labels(cfg, test_set, num_classes, device)
-    tc, opt = cfg.train, cfg.optimizer
-    config = TrainConfig(
-        total_steps=tc.steps, batch_size=min(tc.batch_size, x_train.shape[0]), lr=opt.lr, betas=tuple(opt.betas),
-        weight_decay=opt.weight_decay, adam_eps=opt.eps, warmup_steps=tc.warmup, grad_clip=tc.grad_clip,
-        ema_decay=tc.ema_decay, seed=cfg.seed, log_every=cfg.logger.log_every, eval_every=tc.val_every,
-        ckpt_every=tc.checkpoint_every, keep_every=tc.checkpoint_every, best_metric="val_loss",
-        out_dir=str(out / "checkpoints"), resume=tc.resume, progress=tc.progress,
-    )
+    config = train_config(cfg, out, x_train.shape[0], resume)
     loss_fn = _loss_function(cfg, train_set, num_classes)
     hooks = [lambda step, model, ema_model: {"val_loss": _validation_loss(ema_model, loss_fn, x_test, y_test, cfg)}]
-    hooks = hooks if tc.val_every else []
-    deadline = time.perf_counter() + tc.time_budget_s if tc.time_budget_s else None
 
     def log_fn(m: dict) -> None:
         step = int(m.pop("step"))
         tracker.log({(k if k.startswith("val") else f"train/{k}"): v for k, v in m.items()}, step=step)
 
     trainer = Trainer(model, sde, x_train, config, labels=y_train, loss_fn=loss_fn, callbacks=hooks, log_fn=log_fn,
-                      model_config={k: to_plain(cfg[k]) for k in ("sde", "model", "data")}, device=device)
+                      model_config={k: to_plain(cfg[k]) for k in CHECKPOINT_KEYS}, device=device)
     t0 = time.perf_counter()
-    final = trainer.fit(stop=(lambda step: time.perf_counter() > deadline) if deadline else None)
+    final = trainer.fit()
     metrics: dict = {"params": sum(p.numel() for p in model.parameters()), "steps": trainer.step,
                      "train_loss": final.get("loss", math.nan), "train_seconds": time.perf_counter() - t0}
     if "val_loss" in final:
         metrics["val_loss"] = final["val_loss"]
-    ema_model = trainer.ema.model
-    ckpt = save_checkpoint(out / "checkpoint.pt", cfg, model, ema_model, trainer.step, metrics)
+    ckpt = trainer.save_as(out / "checkpoint.pt", metrics=metrics)  # the Trainer's format, like checkpoints/*.pt
     if cfg.logger.get("log_checkpoints", False):
         tracker.artifact(ckpt, name=f"{cfg.name}-checkpoint", type="model")
-    return _evaluate(cfg, ema_model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics)
+    return _evaluate(cfg, trainer.ema.model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics)
 
 
 def _evaluate(cfg, model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics) -> dict:
     from _common import plots
-
-    from sde.likelihood import dataset_bits_per_dim
 
     shape = (cfg.eval.num_samples, *test_set.shape)
     x, nfe, strip = draw(model, sde, cfg.sampler, shape, generator=generator, device=device, dtype=dtype,
@@ -141,12 +147,13 @@ def _evaluate(cfg, model, sde, test_set, x_test, tracker, out, device, dtype, ge
         tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=x_test, title=cfg.name))
     n_bpd = min(cfg.eval.bpd_samples, x_test.shape[0])
     if n_bpd > 0 and getattr(test_set, "levels", None):
-        # Integer levels and the dataset's own bins: the space the (dequantized) training data lived in.
-        k = test_set.to_levels(x_test[:n_bpd])
-        bpd, bpd_se = dataset_bits_per_dim(model, sde, k, generator=generator, batch_size=64, dtype=dtype,
-                                           **test_set.bpd_options(), **cfg.eval.likelihood)
-        metrics.update({"test_bpd": bpd, "test_bpd_se": bpd_se, "bpd_points": n_bpd, "levels": int(test_set.levels)})
-        tracker.log({"test/bpd": bpd})
+        # The dataset's own dequantization and bits/dim convention (the space the training data lived in).
+        # Its own generator seeded with cfg.seed: experiments/likelihood.py reproduces this number exactly.
+        res = test_set.bits_per_dim(model, sde, x_test[:n_bpd], generator=bpd_generator(cfg.seed, device),
+                                    batch_size=64, dtype=dtype, **cfg.eval.likelihood)
+        metrics.update({"test_bpd": res.mean, "test_bpd_se": res.stderr, "bpd_points": n_bpd,
+                        "levels": int(test_set.levels)})
+        tracker.log({"test/bpd": res.mean})
     metrics["dims"] = num_dims(test_set.shape)
     return metrics
 

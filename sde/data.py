@@ -4,7 +4,8 @@
 returns an ``ArrayDataset``: ``.data`` (N, C, H, W) images or (N, D) vectors, ``.labels``
 (N,) long or None, and ``.shape``, ``.levels`` (quantization levels of the raw data, None
 for continuous data), ``.num_classes``. Quantized data with L levels maps k -> 2k/(L-1) - 1,
-so the bits/dim convention of sde.likelihood applies with ``levels=L``. See docs/data.md.
+and the dataset owns its dequantization and bits/dim convention (``ArrayDataset.dequantize``,
+``.bpd_options()``, ``.bits_per_dim(...)``): training and every app use them. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch import Tensor
 from ._checks import check_choice, check_int
 from .oracle import GaussianMixture
 
-__all__ = ["ArrayDataset", "load_dataset", "DATASETS", "random_hflip", "default_root", "default_gmm"]
+__all__ = ["ArrayDataset", "load_dataset", "DATASETS", "random_hflip", "default_root", "default_gmm", "dequantize",
+           "dequantize_bins"]
 
 _SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -101,13 +103,42 @@ class ArrayDataset(torch.utils.data.Dataset):
         return ((x.double() + 1.0) * (self.levels - 1) / 2.0).round().clamp(0, self.levels - 1).long()
 
     def bpd_options(self) -> dict[str, float]:
-        """Keyword arguments of ``sde.likelihood.dataset_bits_per_dim`` that put each level k's
-        dequantization bin, of width 2 / (levels - 1), centred on this dataset's grid point
-        2k / (levels - 1) - 1: the space a model trained on ``dequantize``d data lives in."""
-        if self.levels is None:
-            raise ValueError(f"dataset {self.name!r} is continuous (levels=None): bits/dim needs levels")
-        L = self.levels
+        """This dataset's bits/dim convention, as keyword arguments of ``sde.likelihood.dataset_bits_per_dim``:
+        each level k's dequantization bin, of width 2 / (levels - 1), is centred on the grid point
+        2k / (levels - 1) - 1, the space a model trained on data dequantized by :meth:`dequantize` lives in.
+
+        Raises:
+            ValueError: the dataset is continuous (levels is None).
+        """
+        L = self._levels("bits/dim")
         return {"levels": L, "scale": 2.0 * L / (L - 1), "shift": L / (L - 1)}
+
+    def _levels(self, what: str) -> int:
+        if self.levels is None:
+            raise ValueError(f"dataset {self.name!r} is continuous (levels=None): {what} needs levels")
+        return int(self.levels)
+
+    def dequantize(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """This dataset's dequantization of ``x`` (its [-1, 1] grid values): :func:`dequantize` with its levels."""
+        return dequantize(x, self._levels("dequantization"), generator=generator)
+
+    def bits_per_dim(self, score_fn: Callable, sde, x: Tensor | None = None, **options):
+        """Bits/dim of ``x`` (this dataset's [-1, 1] samples; default all of them) under ``score_fn``, with this
+        dataset's convention (:meth:`bpd_options`): the one bits/dim every app reports.
+
+        Args:
+            score_fn: the model's score function.
+            sde: its SDE.
+            x: samples of this dataset (their integer levels are what is scored).
+            **options: passed to :func:`sde.likelihood.dataset_bits_per_dim` (repeats, generator,
+                batch_size, dtype, divergence, rtol, ...).
+
+        Returns:
+            :class:`sde.likelihood.BitsPerDim` (mean, stderr, per-sample values, logp, nfe).
+        """
+        from .likelihood import dataset_bits_per_dim
+
+        return dataset_bits_per_dim(score_fn, sde, self.to_levels(x), **self.bpd_options(), **options)
 
     def batches(
         self,
@@ -132,6 +163,25 @@ class ArrayDataset(torch.utils.data.Dataset):
             if hflip:
                 x = random_hflip(x, generator=generator)
             yield x, None if self.labels is None else self.labels[idx]
+
+
+def dequantize_bins(grid: Tensor, width: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """Spread grid values uniformly over bins of ``width`` centred on them: ``grid + (u - 1/2) width``,
+    u ~ U[0, 1)^D drawn in ``grid``'s dtype (the one dequantization step of the loss and of bits/dim)."""
+    u = torch.rand(grid.shape, generator=generator, device=grid.device, dtype=grid.dtype)
+    return grid + (u - 0.5) * width
+
+
+def dequantize(x: Tensor, levels: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Spread quantized data on the grid 2k / (levels - 1) - 1 uniformly over each level's bin (width
+    2 / (levels - 1), centred on the grid point): the continuous density bits/dim scores
+    (:meth:`ArrayDataset.bpd_options`).
+
+    Raises:
+        ValueError: levels is not an integer >= 2.
+    """
+    check_int("levels", levels, 2)
+    return dequantize_bins(x, 2.0 / (levels - 1), generator=generator)
 
 
 def _quantized(raw: np.ndarray, levels: int, dtype: torch.dtype) -> Tensor:

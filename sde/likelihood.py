@@ -29,7 +29,8 @@ from .samplers._base import CountedScore
 from .samplers.grids import Grid
 from .sdes import SDE, ScoreFn
 
-__all__ = ["LikelihoodResult", "log_likelihood", "bits_per_dim", "dataset_bits_per_dim", "encode", "decode"]
+__all__ = ["LikelihoodResult", "log_likelihood", "bits_per_dim", "dataset_bits_per_dim", "BitsPerDim", "encode",
+           "decode"]
 __all__ += ["DIVERGENCES", "PROBES", "joint_rms_norm", "mixed_rms_norm"]
 
 DEFAULT_EPS = 1e-5  # start time of the likelihood ODE (Song et al. 2021 use 1e-5 for every SDE)
@@ -427,42 +428,22 @@ def bits_per_dim(logp: Tensor, num_dims: int | Tensor, *, levels: int = 256, sca
     return -(logp + D * math.log(scale) - D * math.log(levels)) / (D * math.log(2.0))
 
 
-def dataset_bits_per_dim(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    *,
-    levels: int = 256,  # quantization levels per dimension
-    scale: float = 2.0,  # model space y = scale * x - shift
-    shift: float | None = None,  # defaults to scale / 2 (centres [0, 1] data on 0)
-    repeats: int = 1,  # dequantization + probe draws averaged per sample
-    generator: torch.Generator | None = None,
-    batch_size: int | None = None,
-    progress: bool = False,
-    dtype: torch.dtype | None = None,  # model-space dtype; x's if float, else float32
-    **likelihood_options,
-) -> tuple[float, float]:
-    """Mean and standard error of bits/dim over a data set, with uniform dequantization.
+@dataclass
+class BitsPerDim:
+    """Bits/dim of a data set (:func:`dataset_bits_per_dim`); unpacks as ``mean, stderr = result``."""
 
-    Each sample is dequantized ``repeats`` times as (k + u) / levels, u ~ U[0, 1)^D, mapped to
-    y = scale * x - shift and scored with :func:`log_likelihood`; a sample's bpd is the mean over
-    its repeats. The standard error is over samples (over repeats when there is one sample).
+    mean: float  # mean bits/dim over samples and repeats
+    stderr: float  # standard error over samples (over repeats for one sample; NaN for one draw of one sample)
+    values: Tensor  # (B,) each sample's bits/dim, averaged over its repeats
+    logp: Tensor  # (repeats, B) log-density of the dequantized points in model space, nats
+    nfe: int  # score evaluations spent in all
 
-    Args:
-        x: integer tensor of levels k in [0, levels - 1], or a float tensor in [0, 1] on the
-            grid k / (levels - 1) (as torchvision's ToTensor gives).
-        likelihood_options: passed to :func:`log_likelihood` (divergence, rtol, ...).
+    def __iter__(self):
+        return iter((self.mean, self.stderr))
 
-    Returns:
-        (mean bpd, standard error).
 
-    Raises:
-        ValueError: x outside its range or off the quantization grid; bad levels/repeats.
-    """
-    check_int("levels", levels, 2)
-    check_int("repeats", repeats, 1)
-    check_positive("scale", scale)
-    shift = scale / 2 if shift is None else float(shift)
+def _as_levels(x: Tensor, levels: int, dtype: torch.dtype | None) -> tuple[Tensor, torch.dtype]:
+    """(integer levels k, model-space dtype) of x: integers in [0, levels - 1] or floats on the grid k/(levels-1)."""
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a batch-first tensor, got {type(x).__name__}")
     if x.is_floating_point():
@@ -472,20 +453,82 @@ def dataset_bits_per_dim(
                 f"float x must lie in [0, 1] on the grid k/{levels - 1}; got values in "
                 f"[{x.min().item():.4g}, {x.max().item():.4g}] (rescale [-1, 1] data with (x + 1) / 2)"
             )
-        k, dtype = k.round(), dtype or x.dtype
-    else:
-        if x.min() < 0 or x.max() > levels - 1:
-            raise ValueError(f"integer x must lie in [0, {levels - 1}], got [{x.min().item()}, {x.max().item()}]")
-        k, dtype = x, dtype or torch.float32
-    bpd = []
+        return k.round(), dtype or x.dtype
+    if x.min() < 0 or x.max() > levels - 1:
+        raise ValueError(f"integer x must lie in [0, {levels - 1}], got [{x.min().item()}, {x.max().item()}]")
+    return x, dtype or torch.float32
+
+
+def _dequantized_levels(k: Tensor, levels: int, scale: float, shift: float, dtype: torch.dtype,
+                        generator: torch.Generator | None) -> Tensor:
+    """y = scale * (k + u) / levels - shift, u ~ U[0, 1)^D: level k's bin in model space."""
+    u = torch.rand(k.shape, generator=generator, device=k.device, dtype=dtype)
+    return scale * (k.to(dtype) + u) / levels - shift
+
+
+def _summarize(bpd: list[Tensor], logp: list[Tensor], nfe: int) -> BitsPerDim:
+    per = torch.stack(bpd)  # (repeats, B)
+    values = per.mean(0) if per.shape[1] > 1 else per[:, 0]
+    stderr = values.std() / math.sqrt(values.numel()) if values.numel() > 1 else torch.tensor(float("nan"))
+    return BitsPerDim(mean=per.mean().item(), stderr=stderr.item(), values=per.mean(0), logp=torch.stack(logp),
+                      nfe=nfe)
+
+
+def dataset_bits_per_dim(
+    score_fn: ScoreFn,
+    sde: SDE,
+    x: Tensor,
+    *,
+    levels: int = 256,
+    scale: float = 2.0,
+    shift: float | None = None,
+    repeats: int = 1,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    dtype: torch.dtype | None = None,
+    **likelihood_options,
+) -> BitsPerDim:
+    """Bits/dim over a data set, with uniform dequantization: the one bits/dim every app reports.
+
+    Each sample is dequantized ``repeats`` times as (k + u) / levels, u ~ U[0, 1)^D, mapped to
+    y = scale * x - shift and scored with :func:`log_likelihood` and :func:`bits_per_dim`; a sample's
+    bpd is the mean over its repeats. A data set's own convention is ``ArrayDataset.bpd_options()``
+    (``ArrayDataset.bits_per_dim`` calls this function with it).
+
+    Args:
+        score_fn: the model's score function.
+        sde: its SDE.
+        x: integer tensor of levels k in [0, levels - 1], or a float tensor in [0, 1] on the
+            grid k / (levels - 1) (as torchvision's ToTensor gives).
+        levels: quantization levels per dimension.
+        scale: slope of the map from [0, 1] data to model space, y = scale * x - shift.
+        shift: offset of that map; None = scale / 2 (centres [0, 1] data on 0).
+        repeats: dequantization (and probe) draws averaged per sample.
+        generator: draws the dequantization noise and the divergence probes.
+        batch_size: points per ODE solve (None: all at once).
+        progress: tqdm bar over batches.
+        dtype: model-space dtype; None = x's if float, else float32.
+        likelihood_options: passed to :func:`log_likelihood` (divergence, rtol, ...).
+
+    Returns:
+        :class:`BitsPerDim`; ``mean, stderr = dataset_bits_per_dim(...)`` also works.
+
+    Raises:
+        ValueError: x outside its range or off the quantization grid; bad levels/repeats.
+    """
+    check_int("levels", levels, 2)
+    check_int("repeats", repeats, 1)
+    check_positive("scale", scale)
+    shift = scale / 2 if shift is None else float(shift)
+    k, dtype = _as_levels(x, levels, dtype)
+    bpd, logp, nfe = [], [], 0
     for _ in range(repeats):
-        u = torch.rand(k.shape, generator=generator, device=k.device, dtype=dtype)
-        y = scale * (k.to(dtype) + u) / levels - shift
+        y = _dequantized_levels(k, levels, scale, shift, dtype, generator)
         res = log_likelihood(
             score_fn, sde, y, generator=generator, batch_size=batch_size, progress=progress, **likelihood_options
         )
         bpd.append(bits_per_dim(res.logp, y, levels=levels, scale=scale))
-    per = torch.stack(bpd)  # (repeats, B)
-    values = per.mean(0) if per.shape[1] > 1 else per[:, 0]
-    stderr = values.std() / math.sqrt(values.numel()) if values.numel() > 1 else torch.tensor(float("nan"))
-    return per.mean().item(), stderr.item()
+        logp.append(res.logp)
+        nfe += int(res.nfe)
+    return _summarize(bpd, logp, nfe)

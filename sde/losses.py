@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._checks import bcast, check_choice, check_int, check_open_interval, check_tensor
+from .data import dequantize  # the dataset's dequantization (one home: sde/data.py)
 from .sdes import SDE
 
 __all__ = ["dsm_loss", "sample_time", "dequantize", "dequantized", "REDUCTIONS"]
@@ -113,15 +114,6 @@ def dsm_loss(
     if likelihood_weighting:  # g^2 || s + z/sigma ||^2; times the IS weight this is Z/(T-eps) ||sigma s + z||^2
         w = w * sde.diffusion(t) ** 2 / sigma**2
     return (w * err).mean()
-
-
-def dequantize(x: Tensor, levels: int, *, generator: torch.Generator | None = None) -> Tensor:
-    """Spread quantized data on the grid 2k / (levels - 1) - 1 uniformly over each level's bin
-    (width 2 / (levels - 1), centred on the grid point): the continuous density that bits/dim
-    scores (``ArrayDataset.bpd_options``)."""
-    check_int("levels", levels, 2)
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x + (u - 0.5) * (2.0 / (levels - 1))
 
 
 def dequantized(loss_fn: Callable[..., Tensor], levels: int) -> Callable[..., Tensor]:

@@ -7,9 +7,9 @@ Feature extraction lives in :mod:`sde.features`; this module is pure arithmetic 
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_int, check_positive, check_tensor
+from ._io import atomic_write
 
 __all__ = [
     "FeatureStats", "RunningStats", "compute_feature_stats", "frechet_distance", "gaussian_w2", "gaussian_kl",
@@ -62,18 +63,9 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to ``path`` (.npz) atomically: a temp file in the same folder, then os.replace."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, mean=self.mean.cpu().numpy(), cov=self.cov.cpu().numpy(), n=np.int64(self.n))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean.cpu().numpy(), cov=self.cov.cpu().numpy(), n=np.int64(self.n))
+        atomic_write(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:

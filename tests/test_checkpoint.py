@@ -97,13 +97,40 @@ def test_resume_is_bit_exact(script, tmp_path):
     assert not torch.equal(fresh[1][0], straight[1][0])  # the comparison can fail
 
 
+# Fault injection lives here, not in the library: the writer's payload step is replaced so that the
+# second write of latest.pt (step 8, ckpt_every=4) stops half-way, touches a marker and waits to be killed.
+PAUSING_WRITER = textwrap.dedent('''
+    import os, runpy, sys, time
+    from pathlib import Path
+    import sde._io
+
+    out, steps, marker, script = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    real, latest_writes = sde._io._write_payload, []
+
+    def pausing(f, data, path):
+        if path.name == "latest.pt":
+            latest_writes.append(path)
+            if len(latest_writes) == 2:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                marker.touch()
+                time.sleep(3600)
+        real(f, data, path)
+
+    sde._io._write_payload = pausing
+    runpy.run_path(script)["run"](out, steps)
+''')
+
+
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_write_then_resume(script, tmp_path):
     path, ns = script
     out, marker = tmp_path / "killed", tmp_path / "paused"
-    env = dict(os.environ, SDE_TEST_CKPT_PAUSE_STEP="8", SDE_TEST_CKPT_PAUSE_MARKER=str(marker),
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen([sys.executable, str(path), str(out), "12"], env=env, cwd=REPO,
+    wrapper = tmp_path / "pausing_writer.py"
+    wrapper.write_text(PAUSING_WRITER)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.Popen([sys.executable, str(wrapper), str(out), "12", str(marker), str(path)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
@@ -186,3 +213,163 @@ def test_manager_removes_stale_temp_files(tmp_path):
     (tmp_path / "latest.pt").write_bytes(b"keep")
     CheckpointManager(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+# -- one format, rebuilt only through the project's registries ------------------------------------------
+SPEC = {
+    "sde": {"_target_": "sde.sdes.VPSDE", "beta_min": 0.1, "beta_max": 12.0, "schedule": "linear"},
+    "model": {"net": {"_target_": "sde.nets.MLP", "dim": 2, "hidden": 16, "depth": 1}, "parametrization": "eps"},
+    "data": {"name": "gmm", "loader": {"_target_": "sde.data.load_dataset", "name": "gmm"}, "shape": [2]},
+}
+
+
+def _trainer_checkpoint(tmp_path, spec=SPEC):
+    """A real Trainer run whose model_config describes its model (what experiments/train.py passes)."""
+    from sde.checkpoint import build_score_model, build_sde
+    from sde.training import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    sde = build_sde(SPEC["sde"])
+    model = build_score_model(SPEC["model"], sde, SPEC["data"]["shape"])
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    config = TrainConfig(total_steps=3, batch_size=16, warmup_steps=0, ckpt_every=0, log_every=0, progress=False,
+                         out_dir=str(tmp_path / "ckpts"))
+    trainer = Trainer(model, sde, data, config, model_config=spec)
+    trainer.fit()
+    return trainer, tmp_path / "ckpts" / "latest.pt"
+
+
+def test_trainer_and_app_checkpoints_rebuild_the_same_model(tmp_path):
+    from sde.checkpoint import load_score_model
+    from sde.nets import MLP
+    from sde.sdes import VPSDE
+
+    trainer, latest = _trainer_checkpoint(tmp_path)
+    final = trainer.save_as(tmp_path / "checkpoint.pt", metrics={"steps": 3})
+    x, t = torch.randn(5, 2, generator=torch.Generator().manual_seed(1)), torch.full((5,), 0.3)
+    for path in (latest, final):
+        loaded = load_score_model(path)
+        assert type(loaded.sde) is VPSDE and loaded.sde.beta_max == 12.0 and type(loaded.model.net) is MLP
+        assert loaded.weights == "ema" and loaded.state["step"] == 3
+        assert torch.equal(loaded.model(x, t), trainer.ema.model(x, t))
+    raw = load_score_model(final, ema=False)
+    assert torch.equal(raw.model(x, t), trainer.model(x, t)) and raw.state["metrics"] == {"steps": 3}
+    # Files written before the formats were merged (train.py's old checkpoint.pt) still load.
+    legacy = {"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "config": SPEC, "step": 3}
+    save_checkpoint(tmp_path / "legacy.pt", legacy)
+    assert torch.equal(load_score_model(tmp_path / "legacy.pt").model(x, t), trainer.ema.model(x, t))
+
+
+PAYLOAD_SPECS = [  # (where, node) planted in an otherwise valid checkpoint; each would run code via instantiate
+    ("sde", {"_target_": "pathlib.Path.write_text", "self": "{marker}", "data": "pwned"}),
+    ("sde", {"_target_": "os.system", "command": "touch {marker}"}),
+    ("sde", {"_target_": "sde.sdes.VPSDE", "beta_max": {"_target_": "os.system", "command": "touch {marker}"}}),
+    ("sde", {"_target_": "torch.load", "f": "{payload}", "weights_only": False}),
+    ("model", {"net": {"_target_": "os.system", "command": "touch {marker}"}}),
+    ("model", {"net": {"_target_": "sde.nets.MLP", "dim": 2, "_args_": ["touch {marker}"]}}),
+    ("data", {"loader": {"_target_": "os.system", "command": "touch {marker}"}, "shape": [2]}),
+]
+
+
+class _Payload:
+    """Pickles to a call of os.system (what a malicious checkpoint would hide)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("where,node", PAYLOAD_SPECS, ids=[f"{w}-{i}" for i, (w, _) in enumerate(PAYLOAD_SPECS)])
+def test_checkpoint_naming_foreign_code_is_refused(tmp_path, where, node):
+    import json
+
+    from sde.checkpoint import CheckpointSpecError, load_score_model
+
+    marker, payload = tmp_path / "marker", tmp_path / "payload.pt"
+    torch.save({"x": _Payload(f"touch {marker}")}, payload)  # the nested pickle a torch.load node would read
+    trainer, latest = _trainer_checkpoint(tmp_path)
+    spec = json.loads(json.dumps(SPEC))
+    spec[where] = json.loads(json.dumps(node).replace("{marker}", str(marker)).replace("{payload}", str(payload)))
+    state = torch.load(latest, weights_only=True)
+    state["model_config"] = spec
+    save_checkpoint(tmp_path / "evil.pt", state)
+    with pytest.raises(CheckpointSpecError, match=rf"^{where}") as err:
+        load_score_model(tmp_path / "evil.pt")
+        if where == "data":
+            from sde.checkpoint import build_data
+
+            build_data(spec["data"])
+    assert "not a registered" in str(err.value) or "not allowed" in str(err.value)
+    assert not marker.exists()
+
+
+def test_data_description_naming_foreign_code_is_refused(tmp_path):
+    from sde.checkpoint import CheckpointSpecError, build_data
+
+    marker = tmp_path / "marker"
+    with pytest.raises(CheckpointSpecError, match=r"data.loader._target_='os.system'"):
+        build_data({"loader": {"_target_": "os.system", "command": f"touch {marker}"}})
+    with pytest.raises(CheckpointSpecError, match=r"data.loader.n._target_"):
+        build_data({"loader": {"_target_": "sde.data.load_dataset", "name": "gmm", "n": {"_target_": "os.getpid"}}})
+    assert not marker.exists()
+    assert build_data({"loader": {"name": "load_dataset"}}, name="gmm", split="test").shape == (2,)
+
+
+def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path):
+    from sde.checkpoint import CheckpointError, load_score_model
+
+    marker = tmp_path / "marker"
+    trainer, latest = _trainer_checkpoint(tmp_path)
+    state = torch.load(latest, weights_only=True)
+    state["metrics"] = {"note": _Payload(f"touch {marker}")}
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*weights-only"):
+        load_score_model(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil\.pt"):
+        trainer.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_every_torch_and_numpy_load_in_the_repository_is_weights_only():
+    """The repository's own loads stay weights_only=True / allow_pickle=False (docs/security.md lists them)."""
+    import re
+
+    offenders = []
+    for path in [*REPO.glob("sde/**/*.py"), *REPO.glob("experiments/**/*.py")]:
+        text = path.read_text()
+        for m in re.finditer(r"\btorch\.load\(([^()]|\([^()]*\))*\)", text):
+            if "weights_only=True" not in m.group(0):
+                offenders.append(f"{path.relative_to(REPO)}: {m.group(0)[:80]}")
+        for m in re.finditer(r"\bnp\.load\(([^()]|\([^()]*\))*\)", text):
+            if "allow_pickle=False" not in m.group(0):
+                offenders.append(f"{path.relative_to(REPO)}: {m.group(0)[:80]}")
+        if re.search(r"\b(instantiate|get_class|get_method|pickle\.loads?)\(", text) and path.name != "data.py":
+            offenders.append(f"{path.relative_to(REPO)}: calls instantiate/get_class/pickle.load")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_write_applies_the_umask(tmp_path, umask, mode):
+    from sde._io import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a.txt", "text")
+        save_checkpoint(tmp_path / "b.pt", {"w": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").read_text() == "text"
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == mode and (tmp_path / "b.pt").stat().st_mode & 0o777 == mode
+
+
+def test_unreadable_checkpoint_names_the_path(tmp_path):
+    from sde.checkpoint import CheckpointError, load_score_model
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pt"):
+        load_checkpoint(tmp_path / "empty.pt")
+    save_checkpoint(tmp_path / "bare.pt", {"model": {}})
+    with pytest.raises(CheckpointError, match=r"bare\.pt.*does not describe its model"):
+        load_score_model(tmp_path / "bare.pt")

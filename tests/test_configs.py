@@ -1,7 +1,8 @@
 """Every config group composes, and the objects it names build and fit together.
 
-Composition uses Hydra's compose API on conf/ (no subprocess); objects are built with the
-experiments' single ``_target_`` helper, so a renamed class or argument fails here.
+Composition uses Hydra's compose API on conf/ (no subprocess); objects are built through the library's
+registries (sde.checkpoint), exactly as the apps and the checkpoint loader build them, and the tests
+check the built objects' types and values, so a renamed class, argument or default fails here.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import build  # noqa: E402
-from _common.models import config_diff, overridden_groups  # noqa: E402
+from _common.models import build_model, build_sde, config_diff, overridden_groups  # noqa: E402
 from _common.plots import image_grid  # noqa: E402
 from _common.results import aggregate, write_row  # noqa: E402
 
@@ -58,22 +58,38 @@ def test_primary_configs_compose_with_defaults(primary):
     job_cfg = _compose(primary, [] if primary == "train" else ["score.path=x"], hydra_node=False)
     plain = OmegaConf.to_container(job_cfg, resolve=True)
     assert plain["name"] == "digits"
-    if primary == "train":  # the main job's default: a U-Net on the 1x8x8 digits
+    from sde.nets import MLP, UNet
+    from sde.sdes import VPSDE
+
+    sde = build_sde(job_cfg)
+    assert type(sde) is VPSDE and (sde.beta_min, sde.beta_max) == (0.1, 20.0)
+    model = build_model(job_cfg, sde)
+    if primary == "train":  # the main job's default: a U-Net (32 base channels, x1 and x2) on the 1x8x8 digits
+        assert type(model.net) is UNet and model.parametrization == "eps" and model.sde is sde
         assert plain["model"]["net"]["in_channels"] == 1 and plain["model"]["net"]["image_size"] == 8
+        convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs[0].in_channels == 1 and convs[0].out_channels == 32
+        widths = {m.out_channels for m in convs}
+        assert {32, 64} <= widths and 128 not in widths  # channel_mults [1, 2]
     else:  # the other apps take the model from the checkpoint; their default only fills the tree
-        assert plain["model"]["net"]["dim"] == 64
+        assert type(model.net.net) is MLP and plain["model"]["net"]["dim"] == 64  # flattened 1x8x8 images
 
 
 @pytest.mark.parametrize("sde_name", SDES)
 def test_sde_configs_build(sde_name):
+    from sde.checkpoint import SDES
     from sde.sdes import SDE
 
     cfg = _compose("sample", [f"sde={sde_name}", "score.path=x"])
-    sde = build(cfg.sde)
-    assert isinstance(sde, SDE)
-    for key, value in cfg.sde.items():  # every YAML value reached the object
-        if key != "_target_" and hasattr(sde, key):
-            assert getattr(sde, key) == pytest.approx(value) if isinstance(value, float) else getattr(sde, key) == value
+    sde = build_sde(cfg)
+    assert isinstance(sde, SDE) and type(sde) is SDES[sde_name]  # the registry name is the file name
+    values = {k: v for k, v in cfg.sde.items() if k != "_target_"}
+    assert values, "the config sets no argument"
+    for key, value in values.items():  # every YAML value reached the object
+        assert hasattr(sde, key), f"sde={sde_name}: {key} does not reach the object"
+        assert getattr(sde, key) == pytest.approx(value) if isinstance(value, float) else getattr(sde, key) == value
+    changed = _compose("sample", [f"sde={sde_name}", "score.path=x", f"sde.{next(iter(values))}=0.5"])
+    assert getattr(build_sde(changed), next(iter(values))) == 0.5  # an override reaches it too
 
 
 @pytest.mark.parametrize("sde_name,sampler_name,data_name", list(itertools.product(SDES, SAMPLERS, DATA)))
@@ -103,7 +119,7 @@ def test_every_sampler_runs_on_every_sde_with_the_oracle(sde_name, sampler_name)
     from sde.samplers import sample
 
     cfg = _compose("sample", [f"sde={sde_name}", f"sampler={sampler_name}", "score.path=x"])
-    sde = build(cfg.sde)
+    sde = build_sde(cfg)
     gm = GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.5]], dtype=torch.float64), stds=torch.tensor([0.3, 0.2]))
     options = OmegaConf.to_container(cfg.sampler.options)
     options["steps"] = 25  # small; VP reverse diffusion needs beta_max / steps < 1
@@ -116,14 +132,24 @@ def test_every_sampler_runs_on_every_sde_with_the_oracle(sde_name, sampler_name)
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("data_name", ["digits", "moons", "gmm", "cifar10", "mnist", "image_folder"])
 def test_models_build_for_each_data_shape(model_name, data_name):
-    pytest.importorskip("sde.models")
-    from _common.models import build_model
+    from sde.checkpoint import Flatten
+    from sde.nets import MLP, UNet
 
     cfg = _compose("train", [f"model={model_name}", f"data={data_name}"])
     if model_name == "unet" and data_name in ("moons", "gmm", "mnist"):
         pytest.skip("the U-Net is for images; mnist has the same channels as digits")
-    model = build_model(cfg, build(cfg.sde))
+    model = build_model(cfg, build_sde(cfg))
     shape = tuple(int(s) for s in cfg.data.shape)
+    net = model.net
+    if model_name == "mlp":  # vectors: the MLP itself; images: flattened around it, D = prod(shape)
+        inner = net.net if len(shape) > 1 else net
+        assert type(inner) is MLP and isinstance(net, Flatten) == (len(shape) > 1)
+        assert inner.dim == cfg.data.dim and inner.inp.in_features == cfg.data.dim
+        assert inner.inp.out_features == cfg.model.net.hidden and len(inner.blocks) == cfg.model.net.depth
+    else:
+        assert type(net) is UNet
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.in_channels == shape[0] and conv.out_channels == cfg.model.net.base_channels
     x = torch.randn(2, *shape)
     with torch.no_grad():
         out = model(x, torch.full((2,), 0.5))
@@ -143,15 +169,29 @@ def test_embedded_datasets_load_with_the_configured_shape(data_name):
     assert (getattr(ds, "oracle", None) is not None) == (data_name == "gmm")
 
 
-def test_optimizer_configs_fit_the_trainer_config():
-    pytest.importorskip("sde.training")
+def test_train_node_is_the_trainer_config_field_for_field():
+    import dataclasses
+
     from sde.training import TrainConfig
 
-    for name in [q.stem for q in (CONF / "optimizer").glob("*.yaml")]:
-        cfg = _compose("train", [f"optimizer={name}"])
-        opt = cfg.optimizer
-        tc = TrainConfig(lr=opt.lr, betas=tuple(opt.betas), adam_eps=opt.eps, weight_decay=opt.weight_decay)
-        assert tc.lr == opt.lr > 0
+    cfg = _compose("train", [], hydra_node=False)
+    plain = OmegaConf.to_container(cfg.train, resolve=True)
+    assert list(plain) == [f.name for f in dataclasses.fields(TrainConfig)] or set(plain) == {
+        f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**plain)
+    assert (tc.total_steps, tc.lr, tc.betas, tc.warmup_steps, tc.log_every) == (1500, 1e-3, (0.9, 0.999), 100, 50)
+    assert tc.best_metric == "val_loss" and tc.time_budget_s == 420 and tc.seed == cfg.seed
+
+
+@pytest.mark.parametrize("name", sorted(q.stem for q in (CONF / "optimizer").glob("*.yaml")))
+def test_optimizer_configs_fill_the_trainer_config(name):
+    from sde.training import TrainConfig
+
+    raw = OmegaConf.load(CONF / "optimizer" / f"{name}.yaml")
+    cfg = _compose("train", [f"optimizer={name}"], hydra_node=False)
+    tc = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    assert tc.weight_decay == raw.weight_decay and tc.adam_eps == raw.adam_eps and tc.betas == tuple(raw.betas)
+    assert tc.lr == 1e-3  # train.yaml's U-Net default overrides the group's peak LR
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
@@ -179,9 +219,14 @@ def test_launcher_and_sweeper_presets_compose_when_plugin_installed(option, plug
     assert hasattr(importlib.import_module(module), cls)
 
 
-def test_build_rejects_a_node_without_target():
-    with pytest.raises(ValueError, match="_target_"):
-        build(OmegaConf.create({"lr": 1.0}))
+def test_configs_build_only_registered_classes():
+    from sde.checkpoint import CheckpointSpecError
+
+    cfg = _compose("sample", ["score.path=x", "sde._target_=os.system"], hydra_node=False)
+    with pytest.raises(CheckpointSpecError, match=r"sde._target_='os.system' is not a registered SDE"):
+        build_sde(cfg)
+    with pytest.raises(CheckpointSpecError, match="sde.beta_max._target_"):
+        build_sde(OmegaConf.create({"sde": {"_target_": "sde.sdes.VPSDE", "beta_max": {"_target_": "os.getcwd"}}}))
 
 
 def test_config_diff_names_every_differing_key():
@@ -219,3 +264,21 @@ def test_image_grid_places_each_image_in_its_tile():
     assert (grid[4:6, 1:4] == 255).all()  # tile (1, 0) holds image 3
     assert (grid[1:3, 1:4] == 0).all() and (grid[4:6, 5:8] == 0).all()  # images 0 and 4 are black
     assert (grid[4:6, 9:12] == 255).all()  # the missing 6th tile is background
+
+
+def test_score_kinds_are_a_registry_and_oracle_gives_a_typed_source():
+    from _common.models import SCORE_KINDS, ScoreSource, score_source
+
+    from sde.oracle import GaussianMixture
+    from sde.sdes import SubVPSDE
+
+    assert {"checkpoint", "oracle"} <= set(SCORE_KINDS)
+    cfg = _compose("sample", ["data=gmm", "score=oracle", "sde=subvp"], hydra_node=False)
+    source = score_source(cfg, [], torch.device("cpu"), torch.float64)
+    assert isinstance(source, ScoreSource) and source.kind == "oracle" and source.model is None
+    assert isinstance(source.oracle, GaussianMixture) and type(source.sde) is SubVPSDE and source.shape == (2,)
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    assert torch.equal(source.score_fn(x, torch.full((3,), 0.5)), source.oracle.score_fn(source.sde)(x, 0.5))
+    cfg.score.kind = "nope"
+    with pytest.raises(ValueError, match=r"score.kind='nope' is not supported; choose one of \['checkpoint', 'or"):
+        score_source(cfg, [], torch.device("cpu"), torch.float64)

@@ -28,7 +28,7 @@ TINY_CONTROL = [*FAST, "num_images=4", "sampler.options.steps=8"]
 @pytest.fixture(scope="module")
 def conditional(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("cond")
-    run_app("train.py", [*FAST, *TINY_TRAIN, "model.net.num_classes=10", "++train.label_dropout=0.2",
+    run_app("train.py", [*FAST, *TINY_TRAIN, "model.net.num_classes=10", "loss.label_dropout=0.2",
                          f"hydra.run.dir={tmp / 'run'}"], tmp)
     return tmp / "run"
 
@@ -45,7 +45,7 @@ def controls(conditional, tmp_path_factory) -> Path:
 
 def test_conditional_training_saves_a_class_embedding(conditional):
     ckpt = torch.load(conditional / "checkpoint.pt", weights_only=True)
-    assert ckpt["config"]["model"]["net"]["num_classes"] == 10
+    assert ckpt["model_config"]["model"]["net"]["num_classes"] == 10
     embed = [k for k in ckpt["model"] if "class_embed" in k]
     assert embed and any(ckpt["model"][k].shape[0] == 11 for k in embed)  # 10 classes + the null class
     m = metrics_of(conditional)
@@ -128,21 +128,26 @@ def app():
     sys.path.remove(str(ROOT / "experiments"))
 
 
-def _model(num_classes: int):
+def _job(app, num_classes: int = 0, images=None, data: str = "digits"):
+    """A controllable.Job around a small untrained model (no checkpoint file needed for argument checks)."""
+    from _common.models import ScoreSource
+
+    from sde.checkpoint import Flatten
     from sde.models import ScoreModel
     from sde.nets import MLP
     from sde.sdes import VPSDE
 
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from _common.models import Flatten
-
-    return ScoreModel(Flatten(MLP(dim=64, hidden=8, depth=1, num_classes=num_classes)), VPSDE())
+    model = ScoreModel(Flatten(MLP(dim=64, hidden=8, depth=1, num_classes=num_classes)), VPSDE())
+    source = ScoreSource(kind="checkpoint", score_fn=model, sde=model.sde, sde_config={},
+                         data=OmegaConf.create({"name": data, "shape": [1, 8, 8], "image": True}), model=model,
+                         checkpoint_path=Path("x.pt"))
+    return app.Job(source, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0), images)
 
 
 def test_guidance_needs_a_class_embedding(app):
     cfg = OmegaConf.create({"control": {"name": "cfg", "classes": None, "scale": 2.0}, "num_images": 2})
     with pytest.raises(ValueError, match="num_classes=0"):
-        app.run_cfg(cfg, {"model": _model(0), "device": torch.device("cpu"), "path": "x.pt"})
+        app.run_cfg(cfg, _job(app, 0))
 
 
 def test_class_ids_out_of_range(app):
@@ -174,12 +179,12 @@ def test_mask_presets_and_bad_mask_files(app, tmp_path):
 
 
 def test_colorize_needs_three_channels_and_sr_a_dividing_factor(app):
-    cfg = OmegaConf.create({"control": {"name": "colorize", "factor": 3}, "data": {"name": "digits"}})
-    ctx = {"images": torch.zeros(2, 1, 8, 8)}
+    cfg = OmegaConf.create({"control": {"name": "colorize", "factor": 3}})
+    job = _job(app, images=torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="3-channel"):
-        app.run_colorize(cfg, ctx)
+        app.run_colorize(cfg, job)
     with pytest.raises(ValueError, match="control.factor=3"):
-        app.run_super_resolve(cfg, ctx)
+        app.run_super_resolve(cfg, job)
 
 
 def test_summary_written_as_json(controls):
@@ -210,15 +215,15 @@ def test_train_loss_drops_labels_to_the_null_class_and_dequantizes(monkeypatch):
 
     grid = torch.linspace(-1, 1, 17, dtype=torch.float64)[torch.randint(17, (4000, 2))]
     ds = ArrayDataset(grid, torch.zeros(4000, dtype=torch.long), levels=17, num_classes=3)
-    cfg = OmegaConf.create({"train": {"likelihood_weighting": False, "eps": 1e-5, "label_dropout": 0.25}})
+    cfg = OmegaConf.create({"loss": {"likelihood_weighting": False, "eps": 1e-5, "label_dropout": 0.25}})
     loss = train._loss_function(cfg, ds, num_classes=3)
     x0 = ds.data
     torch.manual_seed(0)
     loss(model, VPSDE(), x0, generator=torch.Generator().manual_seed(1), y=ds.labels)
     assert seen["levels"] == 17  # trained on dequantized data, the density bits/dim scores
     assert set(seen["y"].tolist()) == {0, 3} and abs(seen["y"].eq(3).double().mean().item() - 0.25) < 0.03
-    cfg.train.label_dropout = 1.5
-    with pytest.raises(ValueError, match="train.label_dropout=1.5"):
+    cfg.loss.label_dropout = 1.5
+    with pytest.raises(ValueError, match="loss.label_dropout=1.5"):
         train._label_dropout(cfg)
     bad = OmegaConf.create({"data": {"name": "moons"}})
     with pytest.raises(ValueError, match="model.net.num_classes=3"):

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["threads=1", "logger=none"]
 TINY_TRAIN = [
-    "model=mlp", "train.steps=20", "train.batch_size=32", "train.val_every=10", "train.checkpoint_every=10",
-    "train.warmup=5",
+    "model=mlp", "train.total_steps=20", "train.batch_size=32", "train.eval_every=10", "train.ckpt_every=10",
+    "train.keep_every=10", "train.warmup_steps=5",
     "model.net.hidden=32", "model.net.depth=1", "eval.num_samples=9", "eval.bpd_samples=4", "eval.strip_frames=4",
     "sampler.options.steps=10", "eval.likelihood.rtol=1e-3", "eval.likelihood.atol=1e-3",
 ]
@@ -75,9 +75,39 @@ def test_train_writes_checkpoint_metrics_and_pictures(trained):
     with Image.open(trained / "strip.png") as im:  # 8 samples x (x_t, x0_hat) rows, 4 frames + the result
         assert im.size == ((5 * 9 + 1) * 8, (16 * 9 + 1) * 8)
     ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["config"]["sde"]["_target_"] == "sde.sdes.VPSDE"
-    assert ckpt["config"]["model"]["net"]["hidden"] == 32 and ckpt["ema"] is not None
+    assert ckpt["step"] == 20 and ckpt["model_config"]["sde"]["_target_"] == "sde.sdes.VPSDE"
+    assert ckpt["model_config"]["model"]["net"]["hidden"] == 32 and ckpt["ema"] is not None
     assert (trained / "checkpoints" / "step_00000010.pt").is_file()
+    # One format: checkpoint.pt is the Trainer's final state (plus the app's metrics), like latest.pt.
+    latest = torch.load(trained / "checkpoints" / "latest.pt", weights_only=True)
+    assert set(ckpt) == set(latest) | {"metrics"} and ckpt["format"] == latest["format"] == 1
+    assert all(torch.equal(ckpt["ema"][k], latest["ema"][k]) for k in latest["ema"])
+    assert ckpt["config"]["total_steps"] == 20 and ckpt["metrics"]["steps"] == 20
+
+
+def _library_bpd(checkpoint: Path, n: int, seed: int = 0, **options) -> float:
+    """Test bits/dim computed here, in-process, from the saved weights: the independent reference."""
+    from sde.checkpoint import load_score_model
+    from sde.data import load_dataset
+
+    loaded = load_score_model(checkpoint)
+    test = load_dataset("digits", split="test")
+    res = test.bits_per_dim(loaded.model, loaded.sde, test.data[:n], generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float32, **options)
+    return res.mean
+
+
+def test_train_test_bpd_likelihood_app_and_library_agree(trained, tmp_path):
+    """One bits/dim: the main job's test_bpd, likelihood.py's bpd and the library on the saved checkpoint."""
+    out = tmp_path / "lik_same"
+    args = [*FAST, f"score.path={trained / 'checkpoint.pt'}", "num_points=4", "batch_size=64", "likelihood.rtol=1e-3",
+            "likelihood.atol=1e-3", f"hydra.run.dir={out}"]
+    run_app("likelihood.py", args, tmp_path)
+    train_bpd, app_bpd = metrics_of(trained)["test_bpd"], metrics_of(out)["bpd"]
+    library = _library_bpd(trained / "checkpoint.pt", 4, batch_size=64, rtol=1e-3, atol=1e-3)
+    assert abs(train_bpd - app_bpd) < 1e-6 and abs(library - train_bpd) < 1e-6
+    other_seed = _library_bpd(trained / "checkpoint.pt", 4, seed=1, batch_size=64, rtol=1e-3, atol=1e-3)
+    assert abs(other_seed - train_bpd) > 1e-4  # the comparison can fail: another dequantization draw differs
 
 
 def test_sample_from_checkpoint(trained, tmp_path):
@@ -101,12 +131,42 @@ def test_likelihood_from_checkpoint_matches_its_own_logp(trained, tmp_path):
     m = metrics_of(out)
     logp = torch.load(out / "logp.pt", weights_only=True).double()
     assert logp.shape == (5,) and m["points"] == 5 and m["levels"] == 17
-    # bits/dim of dequantized 17-level data in [-1, 1] (scale 2): -(log p + D ln 2 - D ln 17) / (D ln 2)
-    D = 64
-    bpd = -(logp + D * math.log(2) - D * math.log(17)) / (D * math.log(2))
+    # The dataset's convention: bins of width 2/(L-1) around the grid 2k/(L-1) - 1, so
+    # bpd = -(log p + D ln(2/(L-1))) / (D ln 2), the same as test_bpd of train.py.
+    D, L = 64, 17
+    bpd = -(logp + D * math.log(2 / (L - 1))) / (D * math.log(2))
     assert m["bpd"] == pytest.approx(bpd.mean().item(), rel=1e-6)
     assert m["nll_nats"] == pytest.approx(-logp.mean().item(), rel=1e-6)
+    library = _library_bpd(trained / "checkpoint.pt", 5, batch_size=128, rtol=1e-3, atol=1e-3)
+    assert m["bpd"] == pytest.approx(library, abs=1e-6)  # recomputed here from the weights
     assert (out / "bpd_hist.png").is_file() and (out / "logp_hist.png").is_file()
+
+
+@pytest.mark.parametrize("app,args,key", [
+    ("sample.py", ["sampler=ddim", "sampler.options.steps=5", "num_samples=6"], "nfe"),
+    ("likelihood.py", ["num_points=3", "likelihood.rtol=1e-3", "likelihood.atol=1e-3"], "bpd"),
+    ("evaluate.py", ["sampler=ddim", "sampler.options.steps=5", "num_samples=20"], "fd_digits"),
+    ("controllable.py", ["control=inpaint", "num_images=2", "sampler.options.steps=5"], "consistency_max_error"),
+])
+def test_every_app_loads_a_trainer_checkpoint(trained, tmp_path, app, args, key):
+    """checkpoints/latest.pt (the Trainer's file) works as score.path like checkpoint.pt (one format)."""
+    out = tmp_path / "out"
+    run_app(app, [*FAST, f"score.path={trained / 'checkpoints' / 'step_00000010.pt'}", *args, f"hydra.run.dir={out}"],
+            tmp_path)
+    assert math.isfinite(metrics_of(out)[key])
+
+
+def test_a_checkpoint_naming_foreign_code_is_refused(trained, tmp_path):
+    """A checkpoint whose config names pathlib.Path.write_text: the app refuses it and nothing is written."""
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    ckpt["model_config"]["sde"] = {"_target_": "pathlib.Path.write_text", "self": str(marker), "data": "x"}
+    torch.save(ckpt, tmp_path / "evil.pt")
+    for app in ("sample.py", "likelihood.py"):
+        proc = run_app(app, [*FAST, f"score.path={tmp_path / 'evil.pt'}", f"hydra.run.dir={tmp_path / app}"], tmp_path,
+                       check=False)
+        assert proc.returncode != 0 and "sde._target_='pathlib.Path.write_text'" in proc.stderr
+    assert not marker.exists()
 
 
 def test_missing_checkpoint_says_what_to_run(tmp_path):
@@ -226,3 +286,70 @@ def test_wandb_offline_multirun_gives_one_run_per_job(tmp_path):
         assert summary["nfe"] == m["nfe"] and summary["weights_l1"] == pytest.approx(m["weights_l1"])
         seen.add((m["sde"], m["sampler"]))
     assert seen == set(itertools.product(["VPSDE", "VESDE"], ["ddim", "dpm"]))
+
+
+# Fault injection for the resume test (test-side only): train.py runs under a writer whose second write of
+# checkpoints/latest.pt (step 20 with ckpt_every=10) touches a marker and hangs until the test kills it.
+KILLABLE_TRAIN = '''
+import os, runpy, sys, time
+from pathlib import Path
+import sde._io
+
+marker, real, seen = Path(os.environ["PAUSE_MARKER"]), sde._io._write_payload, []
+
+def pausing(f, data, path):
+    if path.name == "latest.pt":
+        seen.append(path)
+        if len(seen) == 2:
+            marker.touch()
+            time.sleep(3600)
+    real(f, data, path)
+
+sde._io._write_payload = pausing
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def test_train_resume_last_continues_a_killed_run_exactly(tmp_path):
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    config = [*FAST, *TINY_TRAIN, "train.total_steps=30", "eval.bpd_samples=0", "eval.strip_frames=0"]
+    run_app("train.py", [*config, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
+    wrapper, marker = tmp_path / "killable.py", tmp_path / "paused"
+    wrapper.write_text(KILLABLE_TRAIN)
+    proc = subprocess.Popen([sys.executable, str(wrapper), str(ROOT / "experiments" / "train.py"), *config,
+                             f"output_root={runs}"], cwd=ROOT, env=_env(tmp_path, PAUSE_MARKER=str(marker)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "train.py never reached the step-20 checkpoint"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    (killed,) = (runs / "train" / "digits").iterdir()
+    assert not (killed / "metrics.json").exists() and torch.load(killed / "checkpoints" / "latest.pt",
+                                                                  weights_only=True)["step"] == 10
+    # A different config is refused, naming the key; nothing changes in the run.
+    proc = run_app("train.py", [*config, f"output_root={runs}", "train.resume=last", "train.lr=0.5"], tmp_path,
+                   check=False)
+    assert proc.returncode != 0 and "train.lr: run=0.001 requested=0.5" in proc.stderr
+    run_app("train.py", [*config, f"output_root={runs}", "train.resume=last"], tmp_path)
+    assert [p.name for p in (runs / "train" / "digits").iterdir()] == [killed.name]  # no new folder
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 30
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert metrics_of(killed)["val_loss"] == metrics_of(tmp_path / "straight")["val_loss"]  # (train_loss is the
+    # mean over the last log window, which a resumed run starts at its resume step)
+    proc = run_app("train.py", [*config, f"output_root={runs}", f"train.resume={killed}"], tmp_path, check=False)
+    assert proc.returncode != 0 and "already finished" in proc.stderr

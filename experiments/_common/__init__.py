@@ -1,4 +1,4 @@
-"""Glue shared by the Hydra apps in experiments/: object building, run setup, outputs.
+"""Glue shared by the Hydra apps in experiments/: run setup, data loading, outputs.
 
 The library (sde/) never sees Hydra or wandb; everything here turns a composed config into
 library objects and library results into files, tables, pictures and W&B records.
@@ -10,25 +10,18 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["build", "setup", "run_dir", "sweep_info", "write_json", "print_table", "to_plain", "load_data"]
+from sde._io import atomic_write
+
+__all__ = ["setup", "bpd_generator", "run_dir", "sweep_info", "write_json", "print_table", "to_plain", "load_data"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def build(node: DictConfig | dict, /, **kwargs: Any) -> Any:
-    """Build the object a config node describes (``_target_`` + arguments): the one factory."""
-    if node is None or "_target_" not in node:
-        raise ValueError(f"config node has no _target_ to build: {node!r}")
-    return instantiate(node, **kwargs)
 
 
 def to_plain(cfg: DictConfig) -> dict:
@@ -48,6 +41,12 @@ def setup(cfg: DictConfig) -> tuple[torch.device, torch.dtype, torch.Generator]:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     return device, _DTYPES[cfg.dtype], generator
+
+
+def bpd_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator bits/dim is measured with (dequantization + probes), the same in every app: train.py's
+    test_bpd and likelihood.py agree for the same checkpoint, points, seed and ODE options."""
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def run_dir() -> Path:
@@ -70,17 +69,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a text file atomically (:func:`sde._io.atomic_write`)."""
+    atomic_write(path, text)
 
 
 def _json_default(obj: Any) -> Any:
@@ -112,7 +102,9 @@ def print_table(title: str, metrics: dict[str, Any], file=sys.stdout) -> None:
 
 def load_data(data_cfg: DictConfig, **kwargs: Any):
     """Load the data set a ``data`` node names and check its shape against the config."""
-    ds = build(data_cfg.loader, **kwargs)
+    from sde.checkpoint import build_data
+
+    ds = build_data(to_plain(data_cfg), **kwargs)  # through sde.checkpoint.DATA_LOADERS, never an import path
     shape = tuple(int(s) for s in data_cfg.shape)
     if tuple(ds.shape) != shape:
         raise ValueError(
@@ -120,3 +112,12 @@ def load_data(data_cfg: DictConfig, **kwargs: Any):
             f"data.shape={list(shape)}; fix data.shape (and data.dim={math.prod(ds.shape)})"
         )
     return ds
+
+
+def _register_resolvers() -> None:
+    from .resume import register_resolver
+
+    register_resolver()  # ${train_run_dir:...} in conf/train.yaml's hydra.run.dir
+
+
+_register_resolvers()

@@ -1,90 +1,49 @@
-"""Building SDEs, score models and score functions from configs; checkpoint files.
+"""Building SDEs and score models from configs, and where an app's score comes from (``score=...``).
 
-A checkpoint written by experiments/train.py carries the resolved ``sde``, ``model`` and
-``data`` config nodes, so sample/likelihood/evaluate rebuild exactly the trained model.
+Everything is built through the library's registries (sde.checkpoint.SDES, sde.nets.NETS,
+sde.checkpoint.DATA_LOADERS), the same path a checkpoint is rebuilt by, so a config or a file can
+only name the project's own classes. Checkpoints are read by sde.checkpoint.load_score_model:
+any file the project writes (train.py's checkpoint.pt, the Trainer's checkpoints/*.pt) works.
 """
 
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import nn
 
-from . import build, to_plain
+from sde.checkpoint import Flatten, build_score_model, diff_dicts, load_score_model, model_spec
+from sde.checkpoint import build_sde as _build_sde
+
+from . import to_plain
 
 __all__ = [
-    "Flatten", "build_sde", "build_model", "save_checkpoint", "load_checkpoint", "config_diff",
-    "overridden_groups", "score_source", "CHECKPOINT_KEYS",
-]
+    "Flatten", "build_sde", "build_model", "config_diff", "overridden_groups", "ScoreSource", "SCORE_KINDS",
+    "score_source", "load_checkpoint", "CHECKPOINT_KEYS", "num_dims",
+]  # fmt: skip
 
 CHECKPOINT_KEYS = ("sde", "model", "data")  # the config groups a checkpoint fixes
 
 
-class Flatten(nn.Module):
-    """Run a vector network (B, D) on image batches (B, C, H, W): flatten in, reshape out."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.num_classes = getattr(net, "num_classes", 0)  # guidance checks it on the outer net
-
-    def forward(self, x: Tensor, noise_label: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.net(x.flatten(1), noise_label, y).view_as(x)
-
-
 def build_sde(cfg: DictConfig):
-    return build(cfg.sde)
+    """The SDE ``cfg.sde`` describes (through sde.checkpoint.SDES)."""
+    return _build_sde(to_plain(cfg.sde))
 
 
 def build_model(cfg: DictConfig, sde) -> nn.Module:
     """ScoreModel(net, sde, parametrization) for ``cfg.model``; vector nets are wrapped for images."""
-    from sde.models import ScoreModel
-
-    net = build(cfg.model.net)
-    if len(cfg.data.shape) > 1 and cfg.model.net._target_.endswith("MLP"):
-        net = Flatten(net)
-    return ScoreModel(net, sde, parametrization=cfg.model.parametrization)
-
-
-def save_checkpoint(path: str | os.PathLike, cfg: DictConfig, model: nn.Module, ema: nn.Module | None,
-                    step: int, metrics: dict[str, Any] | None = None) -> Path:
-    """Atomically write the weights with the config nodes needed to rebuild the model."""
-    from sde.training.checkpoint import save_checkpoint as _save
-
-    state = {
-        "model": model.state_dict(),
-        "ema": None if ema is None else ema.state_dict(),
-        "config": {k: to_plain(cfg[k]) for k in CHECKPOINT_KEYS},
-        "step": int(step),
-        "metrics": dict(metrics or {}),
-    }
-    _save(path, state)
-    return Path(path)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
+    return build_score_model(to_plain(cfg.model), sde, list(cfg.data.shape))
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ, as 'key: checkpoint=a requested=b' lines."""
-    a, b = _flatten(saved), _flatten(current)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
-        if (list(va) if isinstance(va, tuple) else va) != (list(vb) if isinstance(vb, tuple) else vb):
-            out.append(f"{key}: checkpoint={va!r} requested={vb!r}")
-    return out
+    return diff_dicts(saved, current, labels=("checkpoint", "requested"))
 
 
 def overridden_groups(overrides: list[str]) -> set[str]:
@@ -97,66 +56,98 @@ def overridden_groups(overrides: list[str]) -> set[str]:
     return out
 
 
-def load_checkpoint(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype):
-    """Load ``cfg.score.path``; returns (model, cfg with the checkpoint's sde/model/data, checkpoint).
+@dataclass(frozen=True)
+class ScoreSource:
+    """Where an app's score comes from: what ``score=checkpoint`` / ``score=oracle`` give the apps."""
 
-    Raises:
-        FileNotFoundError: the path does not exist (says which command writes one).
-        ValueError: the command line asked for sde/model/data settings other than the checkpoint's
-            (lists every differing key).
-    """
-    path = Path(str(cfg.score.path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"score.path={str(path)!r} does not exist. Train a model first, e.g.\n"
-            f"    python experiments/train.py\n"
-            f"then pass score.path=<its run folder>/checkpoint.pt"
-            + (" (or use data=gmm score=oracle for the exact score)" if cfg.task == "sample" else "")
-        )
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    saved = ckpt["config"]
-    asked = overridden_groups(overrides)
+    kind: str  # the score.kind that built it
+    score_fn: Callable  # score_fn(x, t) -> score
+    sde: Any  # the SDE the score belongs to
+    data: DictConfig  # the data node the score was trained on (the checkpoint's) or asked for
+    sde_config: dict  # the plain sde description (for comparisons, e.g. with a classifier's)
+    model: nn.Module | None = None  # the ScoreModel (score=checkpoint)
+    oracle: Any = None  # the exact GaussianMixture (score=oracle)
+    checkpoint_path: Path | None = None
+    checkpoint: dict | None = None  # the whole checkpoint dict (score=checkpoint)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One sample's shape."""
+        return tuple(int(s) for s in self.data.shape)
+
+
+def _missing_checkpoint(cfg: DictConfig, path: Path) -> FileNotFoundError:
+    hint = " (or use data=gmm score=oracle for the exact score)" if cfg.task == "sample" else ""
+    return FileNotFoundError(
+        f"score.path={str(path)!r} does not exist. Train a model first, e.g.\n"
+        f"    python experiments/train.py\n"
+        f"then pass score.path=<its run folder>/checkpoint.pt (or <run>/checkpoints/latest.pt){hint}")
+
+
+def _checked_against_overrides(spec: dict, cfg: DictConfig, overrides: list[str], path: Path) -> None:
+    """Refuse command-line sde/model/data settings that differ from the checkpoint's (every key named)."""
     diffs = []
-    for key in sorted(asked):
-        diffs += config_diff({key: saved[key]}, {key: to_plain(cfg[key])})
+    for key in sorted(overridden_groups(overrides)):
+        diffs += config_diff({key: spec[key]}, {key: to_plain(cfg[key])})
     if diffs:
         raise ValueError(
             f"checkpoint {str(path)!r} does not match the requested config; differing keys:\n  "
             + "\n  ".join(diffs)
-            + "\nDrop those overrides (the checkpoint's settings are used) or train a matching model."
-        )
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    for key in CHECKPOINT_KEYS:
-        cfg[key] = OmegaConf.create(saved[key])
+            + "\nDrop those overrides (the checkpoint's settings are used) or train a matching model.")
+
+
+def _from_checkpoint(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype) -> ScoreSource:
+    path = Path(str(cfg.score.path)).expanduser()
+    if not path.is_file():
+        raise _missing_checkpoint(cfg, path)
+    loaded = load_score_model(path, device=device, dtype=dtype, ema=bool(cfg.score.get("ema", True)))
+    _checked_against_overrides(loaded.spec, cfg, overrides, path)
+    return ScoreSource(kind="checkpoint", score_fn=loaded.model, sde=loaded.sde,
+                       data=OmegaConf.create(loaded.spec["data"]), sde_config=loaded.spec["sde"], model=loaded.model,
+                       checkpoint_path=path, checkpoint=loaded.state)
+
+
+def _from_oracle(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype) -> ScoreSource:
+    from . import load_data
+
+    oracle = getattr(load_data(cfg.data), "oracle", None)
+    if oracle is None:
+        raise ValueError(f"score=oracle needs a data set with an exact score (data=gmm), got {cfg.data.name!r}")
+    oracle = oracle.to(device=device, dtype=dtype)
     sde = build_sde(cfg)
-    model = build_model(cfg, sde).to(device=device, dtype=dtype)
-    use_ema = cfg.score.get("ema", True) and ckpt.get("ema") is not None
-    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
-    model.eval().requires_grad_(False)
-    return model, cfg, ckpt
+    return ScoreSource(kind="oracle", score_fn=oracle.score_fn(sde), sde=sde, data=cfg.data,
+                       sde_config=to_plain(cfg.sde), oracle=oracle)
 
 
-def score_source(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype):
-    """(score_fn, sde, cfg, extras) for ``cfg.score``: a checkpoint's model or the exact oracle score.
+# score.kind -> builder(cfg, command-line overrides, device, dtype) -> ScoreSource. Add a kind with one line.
+SCORE_KINDS: dict[str, Callable[[DictConfig, list[str], torch.device, torch.dtype], ScoreSource]] = {
+    "checkpoint": _from_checkpoint,
+    "oracle": _from_oracle,
+}
 
-    ``extras`` holds ``oracle`` (the GaussianMixture) for score=oracle and ``model`` for checkpoints.
+
+def score_source(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype) -> ScoreSource:
+    """The :class:`ScoreSource` ``cfg.score`` names (a registered ``score.kind``).
+
+    Raises:
+        ValueError: unknown score.kind; overrides that contradict the checkpoint (every key named).
+        FileNotFoundError: score.path does not exist (says which command writes one).
+        sde.checkpoint.CheckpointError: an unreadable or unsafe checkpoint.
     """
     kind = cfg.score.kind
-    if kind == "oracle":
-        from . import load_data
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"score.kind={kind!r} is not supported; choose one of {sorted(SCORE_KINDS)}")
+    return SCORE_KINDS[kind](cfg, overrides, device, dtype)
 
-        ds = load_data(cfg.data)
-        oracle = getattr(ds, "oracle", None)
-        if oracle is None:
-            raise ValueError(f"score=oracle needs a data set with an exact score (data=gmm), got {cfg.data.name!r}")
-        oracle = oracle.to(device=device, dtype=dtype)
-        sde = build_sde(cfg)
-        return oracle.score_fn(sde), sde, cfg, {"oracle": oracle, "data": ds}
-    if kind == "checkpoint":
-        model, cfg, ckpt = load_checkpoint(cfg, overrides, device, dtype)
-        return model, model.sde if hasattr(model, "sde") else build_sde(cfg), cfg, {"model": model, "checkpoint": ckpt}
-    raise ValueError(f"score.kind={kind!r} is not supported; choose one of ['checkpoint', 'oracle']")
+
+def load_checkpoint(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype):
+    """(model, cfg with the checkpoint's sde/model/data, checkpoint dict) for scripts that want a config back."""
+    source = _from_checkpoint(cfg, overrides, device, dtype)
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    for key, node in model_spec(source.checkpoint, source.checkpoint_path).items():
+        cfg[key] = OmegaConf.create(node)
+    return source.model, cfg, source.checkpoint
 
 
 def num_dims(shape) -> int:

@@ -6,6 +6,7 @@ matplotlib's Agg backend so nothing needs a display.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from sde._io import atomic_write
 
 __all__ = ["image_grid", "save_grid", "save_strip", "save_scatter", "save_histogram"]
 
@@ -43,10 +46,9 @@ def _save_array(arr: np.ndarray, path: str | os.PathLike, scale: int) -> Path:
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write(path, buf.getvalue())
 
 
 def _scale_for(h: int) -> int:
@@ -79,11 +81,9 @@ def _pyplot():
 
 
 def _savefig(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return atomic_write(path, buf.getvalue())
 
 
 def save_scatter(samples: Tensor, path: str | os.PathLike, reference: Tensor | None = None, title: str = "") -> Path:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
-import torch
+from .._io import atomic_torch_save
 
 CACHE_ENV = "SCORE_SDE_CACHE"  # environment variable overriding the cache folder
 
@@ -23,16 +21,4 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return path
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the target folder, then os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+__all__ = ["CACHE_ENV", "default_cache_dir", "resolve_cache_dir", "atomic_torch_save"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int, check_tensor
+from .._io import atomic_write
 from ..metrics import FeatureStats, RunningStats, frechet_distance, inception_score, kernel_inception_distance
 from ._cache import resolve_cache_dir
 from .digits_classifier import DIGITS_CLASSIFIER_VERSION, get_digits_classifier, load_digits_split
@@ -71,17 +73,9 @@ def _load_features(path: Path) -> Tensor | None:
 
 
 def _save_features(path: Path, feats: Tensor) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=feats.cpu().numpy())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, features=feats.cpu().numpy())
+    atomic_write(path, buf.getvalue())
 
 
 def evaluate_samples(samples: Tensor, reference: str = "digits", *, metrics: tuple[str, ...] = ("fd", "kid", "is"),

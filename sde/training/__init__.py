@@ -1,6 +1,6 @@
-"""Training: the loop, EMA, atomic checkpoints with exact resume, and DDP under torchrun."""
+"""Training: the loop, EMA, atomic checkpoints with exact resume (sde.checkpoint), and DDP under torchrun."""
 
-from .checkpoint import CheckpointManager, CheckpointMismatchError, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointManager, CheckpointMismatchError, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .ema import EMA, ema_decay
 from .trainer import NonFiniteLossError, TrainConfig, Trainer, train, warmup_lr

@@ -28,7 +28,8 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .._checks import check_int, check_open_interval, check_tensor
-from .checkpoint import (
+from ..checkpoint import (
+    CHECKPOINT_FORMAT,
     CheckpointManager,
     CheckpointMismatchError,
     capture_rng_state,
@@ -36,6 +37,7 @@ from .checkpoint import (
     diff_dicts,
     load_checkpoint,
     restore_rng_state,
+    save_checkpoint,
 )
 from .distributed import DistInfo, current_dist_info
 from .ema import EMA
@@ -44,7 +46,6 @@ LossFn = Callable[..., Tensor]  # loss_fn(model, sde, x0, *, generator, [y]) -> 
 EvalHook = Callable[[int, nn.Module, nn.Module], "dict[str, float] | float | None"]  # (step, model, ema_model)
 LogFn = Callable[[dict[str, float]], None]
 
-CHECKPOINT_FORMAT = 1
 
 
 @dataclasses.dataclass
@@ -71,6 +72,7 @@ class TrainConfig:
     best_metric: str = "bpd"  # eval-hook metric (lower is better) that selects best.pt
     out_dir: str | None = None  # checkpoint directory; None = no checkpoints
     resume: bool = True  # continue from out_dir/latest.pt when it exists
+    time_budget_s: float | None = None  # end the run (as at total_steps) after this many seconds of fit(); None = off
     progress: bool = True  # tqdm bar (rank 0 only)
 
     def __post_init__(self) -> None:
@@ -85,6 +87,10 @@ class TrainConfig:
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
         check_open_interval("ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
+                                                   and not isinstance(self.time_budget_s, bool)
+                                                   and self.time_budget_s > 0):
+            raise ValueError(f"time_budget_s must be a number of seconds > 0 or None, got {self.time_budget_s!r}")
         self.betas = tuple(float(b) for b in self.betas)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +129,9 @@ class Trainer:
             ``config.best_metric`` selects ``best.pt``.
         log_fn: receives ``{"step", "loss", "lr", "grad_norm", "steps_per_sec"}`` every ``log_every``
             steps (and the eval metrics) on rank 0.
-        model_config: primitives describing the architecture; stored and compared on resume.
+        model_config: primitives describing the architecture; stored and compared on resume. A
+            ``{"sde", "model", "data"}`` description (the conf/ nodes, as experiments/train.py gives)
+            makes the checkpoints loadable by ``sde.checkpoint.load_score_model`` and every app.
         device: default: this rank's GPU under NCCL, else the device of the model's parameters.
 
     Raises:
@@ -194,9 +202,9 @@ class Trainer:
         """Train until ``config.total_steps``, resuming from ``out_dir/latest.pt`` when allowed.
 
         Args:
-            stop: optional ``stop(step) -> bool`` checked after every step (e.g. a wall-clock budget);
-                when it returns True the run ends as at ``total_steps`` (final log, eval, checkpoint).
-                Under DDP it must answer the same on every rank.
+            stop: optional ``stop(step) -> bool`` checked after every step; when it (or the
+                ``config.time_budget_s`` wall-clock budget) says so, the run ends as at ``total_steps``
+                (final log, eval, checkpoint). Under DDP it must answer the same on every rank.
 
         Returns:
             The last logged metrics merged with the last eval metrics.
@@ -211,6 +219,7 @@ class Trainer:
             latest = Path(cfg.out_dir) / CheckpointManager.LATEST  # every rank reads it (shared filesystem)
             if latest.is_file():
                 self.load(latest)
+        stop = _with_budget(stop, cfg.time_budget_s)
         self.model.train()
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                    dynamic_ncols=True, desc="train")
@@ -334,6 +343,18 @@ class Trainer:
         if self.checkpoints is not None:
             self.checkpoints.save(state, self.step, is_best=is_best)
 
+    def save_as(self, path: Any, *, metrics: dict[str, Any] | None = None) -> Path:
+        """Write the current state (the same format as latest.pt) to ``path``, plus final ``metrics``.
+
+        Collective under DDP like :meth:`state_dict`; only rank 0 writes. Returns ``path``.
+        """
+        state = self.state_dict()
+        if metrics is not None:
+            state["metrics"] = dict(metrics)
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+        return Path(path)
+
     def load(self, path: Any) -> None:
         """Restore a checkpoint written by :meth:`save`.
 
@@ -366,6 +387,14 @@ class Trainer:
         else:
             warnings.warn(f"{path} was written by {len(per_rank)} ranks, resuming on {self.dist.world_size}: "
                           "RNG states are not restored, so the run is not bit-for-bit continued", stacklevel=2)
+
+
+def _with_budget(stop: Callable[[int], bool] | None, seconds: float | None) -> Callable[[int], bool] | None:
+    """``stop`` extended by a wall-clock budget counted from now (None: ``stop`` unchanged)."""
+    if seconds is None:
+        return stop
+    deadline = time.perf_counter() + seconds
+    return lambda step: time.perf_counter() > deadline or (stop is not None and stop(step))
 
 
 def _default_loss() -> LossFn:
