@@ -19,7 +19,6 @@ import math
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from _common import load_data, plots
 from _common.app import run_task
@@ -29,6 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.nn import functional as F
+
+from sde.data import load_array
 
 MASK_PRESETS = ("left_half", "right_half", "top_half", "centre_box", "random")
 
@@ -144,7 +145,7 @@ def make_mask(control: DictConfig, shape: tuple[int, ...], generator: torch.Gene
     if not path.is_file():
         raise ValueError(f"control.mask={name!r} is neither a preset {list(MASK_PRESETS)} nor an existing "
                          f".pt/.npy file")
-    raw = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+    raw = load_array(path, what="control.mask")  # .npy without pickle, or torch weights_only
     mask = torch.as_tensor(raw).to(device=device, dtype=dtype)
     fits = mask.dim() in (2, 3, 4) and mask.shape[-2:] == (h, w) and (mask.dim() == 2 or mask.shape[-3] in (1, c)) \
         and (mask.dim() < 4 or mask.shape[0] in (1, b))
