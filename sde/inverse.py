@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._checks import as_time, bcast, check_choice, check_int, check_positive, check_tensor
+from ._checks import as_time, bcast, check_callable, check_choice, check_int, check_positive, check_sde, check_tensor
 from .sdes import SDE, ScoreFn
 
 __all__ = [
@@ -169,6 +169,15 @@ def _alpha_sigma2(sde: SDE, x: Tensor, t: float | Tensor) -> tuple[Tensor, Tenso
     return t, bcast(sde.alpha(t), x), bcast(sde.sigma(t) ** 2, x)
 
 
+def _check_conditioning_inputs(score_fn: Any, sde: Any, constraint: Any) -> Constraint:
+    check_callable("score_fn", score_fn, "score_fn(x, t)")
+    check_sde(sde)
+    if not isinstance(constraint, Constraint):
+        raise TypeError(f"constraint must be an sde.inverse.Constraint (from inpainting_constraint, ...), "
+                        f"got {type(constraint).__name__}")
+    return constraint
+
+
 def _check_batch(x: Tensor, target: Tensor) -> None:
     if x.shape != target.shape:
         raise ValueError(f"x has shape {tuple(x.shape)} but the measurement defines samples of {tuple(target.shape)}")
@@ -189,7 +198,7 @@ def replacement_score(score_fn: ScoreFn, sde: SDE, constraint: Constraint) -> Sc
         The conditional score function; diverges like 1/sigma^2 as t -> 0, so sample to
         t = eps > 0 and finish with ``project``.
     """
-    P, b = constraint
+    P, b = _check_conditioning_inputs(score_fn, sde, constraint)
 
     def conditional(x: Tensor, t: Tensor) -> Tensor:
         _check_batch(x, b)
@@ -218,7 +227,7 @@ def dps_score(score_fn: ScoreFn, sde: SDE, constraint: Constraint, zeta: float =
         The guided score function.
     """
     zeta = check_positive("zeta", zeta)
-    P, b = constraint
+    P, b = _check_conditioning_inputs(score_fn, sde, constraint)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         _check_batch(x, b)

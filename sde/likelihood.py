@@ -26,7 +26,16 @@ from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from tqdm.auto import tqdm
 
-from ._checks import bcast, check_choice, check_int, check_open_interval, check_positive, check_tensor
+from ._checks import (
+    bcast,
+    check_all_finite,
+    check_choice,
+    check_int,
+    check_open_interval,
+    check_positive,
+    check_sde,
+    check_tensor,
+)
 from .samplers._base import CountedScore
 from .sdes import SDE, ScoreFn
 
@@ -192,6 +201,7 @@ def _flat_norm(shape: torch.Size, norm: Callable | None) -> Callable[[Tensor], T
 
 
 def _check_ode(sde: SDE, method: str, rtol: float, atol: float, eps: float) -> None:
+    check_sde(sde)
     check_choice("method", method, _TORCHDIFFEQ_SOLVERS)
     check_positive("rtol", rtol)
     check_positive("atol", atol)
@@ -255,9 +265,10 @@ def log_likelihood(
     Raises:
         ValueError: unknown divergence/probe/method, rtol/atol <= 0, eps outside (0, T),
             n_probes or batch_size < 1.
-        TypeError: x is not a floating tensor.
+        TypeError: x is not a floating tensor, sde not an SDE, score_fn not callable.
+        ValueError: x holds NaN/inf; score_fn's output is not shaped like x.
     """
-    check_tensor("x", x, 2)
+    check_all_finite("x", check_tensor("x", x, 2))  # one sync; NaN would be torchdiffeq's "underflow in dt"
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("probe", probe, PROBES)
     check_int("n_probes", n_probes, 1)
@@ -283,8 +294,9 @@ def _flow(score_fn: ScoreFn, sde: SDE, x: Tensor, name: str, to_latent: bool, *,
           atol: float, eps: float, batch_size: int | None, progress: bool, options: dict | None) -> Tensor:
     """Integrate the PF-ODE alone (no divergence) between eps and T, mini-batch by mini-batch:
     eps -> T when ``to_latent`` (encode), T -> eps otherwise (decode). ``name`` is x's argument name."""
-    check_tensor(name, x, 2)
+    check_all_finite(name, check_tensor(name, x, 2))
     _check_ode(sde, method, rtol, atol, eps)
+    score_fn = CountedScore(score_fn)  # callable, and its first output shaped like x
     t0, t1 = (eps, sde.T) if to_latent else (sde.T, eps)
 
     def func(t: Tensor, xt: Tensor) -> Tensor:

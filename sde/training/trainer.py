@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .._checks import check_half_open, check_int, check_open_interval, check_tensor
+from .._checks import check_all_finite, check_callable, check_half_open, check_int, check_open_interval, check_tensor
 from .checkpoint import (
     CheckpointManager,
     CheckpointMismatchError,
@@ -159,6 +159,7 @@ class Trainer:
                  labels: Tensor | None = None, loss_fn: LossFn | None = None, callbacks: Sequence[EvalHook] = (),
                  log_fn: LogFn | None = None, model_config: dict[str, Any] | None = None,
                  device: torch.device | str | None = None, dist_info: DistInfo | None = None) -> None:
+        _check_trainer_inputs(model, loss_fn, callbacks, log_fn)
         self.config = cfg = config if config is not None else TrainConfig()
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
@@ -169,7 +170,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.sde = sde
         data = getattr(data, "data", data)
-        self.data = check_tensor("data", data).to(self.device)
+        self.data = check_all_finite("data", check_tensor("data", data)).to(self.device)  # once, not per step
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape[:1] != self.data.shape[:1]):
             raise ValueError(f"labels must be a tensor with {self.data.shape[0]} rows, got {labels!r:.80}")
         self.labels = labels.to(self.device) if labels is not None else None
@@ -440,6 +441,20 @@ class Trainer:
         else:
             warnings.warn(f"{path} was written by {len(per_rank)} ranks, resuming on {self.dist.world_size}: "
                           "RNG states are not restored, so the run is not bit-for-bit continued", stacklevel=2)
+
+
+def _check_trainer_inputs(model: Any, loss_fn: Any, callbacks: Any, log_fn: Any) -> None:
+    """Types of the Trainer's objects, named before anything is built."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} ({model!r:.60})")
+    if loss_fn is not None:
+        check_callable("loss_fn", loss_fn, "loss_fn(model, sde, x0, *, generator[, y]) -> scalar Tensor")
+    if log_fn is not None:
+        check_callable("log_fn", log_fn, "log_fn(metrics: dict)")
+    if callable(callbacks) or isinstance(callbacks, (str, bytes)):
+        raise TypeError(f"callbacks must be a sequence of eval hooks, got {type(callbacks).__name__}; wrap it: [hook]")
+    for i, hook in enumerate(callbacks):
+        check_callable(f"callbacks[{i}]", hook, "hook(step, model, ema_model)")
 
 
 def _default_loss() -> LossFn:
