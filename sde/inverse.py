@@ -37,7 +37,17 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._checks import as_time, bcast, check_callable, check_choice, check_int, check_positive, check_sde, check_tensor
+from ._checks import (
+    as_time,
+    bcast,
+    check_all_finite,
+    check_callable,
+    check_choice,
+    check_int,
+    check_positive,
+    check_sde,
+    check_tensor,
+)
 from .sdes import SDE, ScoreFn
 
 __all__ = [
@@ -93,7 +103,7 @@ def inpainting_constraint(y: Tensor, mask: Tensor) -> Constraint:
         TypeError / ValueError: y not a float tensor, mask shape not broadcastable to y,
             or mask values other than 0 and 1.
     """
-    check_tensor("y", y, 2)
+    check_all_finite("y", check_tensor("y", y, 2))
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     try:
@@ -125,7 +135,7 @@ def colorization_constraint(gray: Tensor, channels: int = 3) -> Constraint:
     Raises:
         TypeError / ValueError: gray is not a float tensor of shape (B, 1, H, W).
     """
-    check_tensor("gray", gray, 4)
+    check_all_finite("gray", check_tensor("gray", gray, 4))
     if gray.dim() != 4 or gray.shape[1] != 1:
         raise ValueError(f"gray must have shape (B, 1, H, W), got {tuple(gray.shape)}")
     check_int("channels", channels, 2)
@@ -146,7 +156,7 @@ def super_resolution_constraint(y_low: Tensor, factor: int) -> Constraint:
     Raises:
         TypeError / ValueError: y_low is not (B, C, h, w) floats, or factor < 1.
     """
-    check_tensor("y_low", y_low, 4)
+    check_all_finite("y_low", check_tensor("y_low", y_low, 4))
     if y_low.dim() != 4:
         raise ValueError(f"y_low must have shape (B, C, h, w), got {tuple(y_low.shape)}")
     f = check_int("factor", factor, 1)
