@@ -14,7 +14,7 @@ import gzip
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ def _image_folder(root, split, *, image_size=None, mode=None, dtype=torch.float3
     """Every image under ``root`` (class subfolders -> labels, sorted by name; flat -> unlabelled).
 
     ``image_size`` (int or (H, W)) resizes; otherwise all images must share one size.
-    ``mode`` is a PIL mode ("L", "RGB"); default "RGB" unless every image is grayscale.
+    ``mode`` is an 8-bit PIL mode ("L", "RGB", "RGBA"); default "RGB" unless every image is grayscale.
     ``split`` is not used: point ``root`` at a train or test folder.
     """
     from PIL import Image, UnidentifiedImageError
@@ -294,7 +294,7 @@ def _image_folder(root, split, *, image_size=None, mode=None, dtype=torch.float3
     )
 
 
-_IMAGE_MODES = ("L", "RGB")  # PIL modes image_folder converts to: one or three channels
+_IMAGE_MODES = ("L", "RGB", "RGBA")  # 8-bit PIL modes image_folder converts to: 1, 3 or 4 channels
 
 
 def _check_image_size(image_size: Any) -> tuple[int, int] | None:
@@ -302,7 +302,7 @@ def _check_image_size(image_size: Any) -> tuple[int, int] | None:
     if image_size is None:
         return None
     pair = (image_size, image_size) if isinstance(image_size, int) else image_size
-    ok = isinstance(pair, (tuple, list)) and len(pair) == 2
+    ok = isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2  # tuple, list, ListConfig
     if not (ok and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in pair)):
         raise ValueError(f"image_size must be an int >= 1 or an (H, W) pair of them, got {image_size!r}")
     return int(pair[0]), int(pair[1])

@@ -39,6 +39,8 @@ from sde.sdes import VESDE, VPSDE, SubVPSDE
 from sde.training import EMA, TrainConfig, Trainer, load_checkpoint, warmup_lr
 from sde.training.checkpoint import CheckpointMismatchError
 
+from _py2pickle import dumps_py2  # isort: skip  (tests/ helper: CIFAR-10's Python 2 pickle format)
+
 ROOT = Path(__file__).resolve().parents[1]
 NAN, INF = float("nan"), float("inf")
 B = 4
@@ -378,6 +380,17 @@ def _image_folder(tmp_path: Path, sizes=((8, 8),), corrupt: bool = False) -> Pat
     return tmp_path
 
 
+def _cifar_with_meta(tmp: Path, meta, batch=None):
+    folder = tmp / "cifar-10-batches-py"
+    folder.mkdir()
+    good = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        (folder / name).write_bytes(dumps_py2(batch if batch is not None and name == "data_batch_1" else good))
+    if meta is not None:
+        (folder / "batches.meta").write_bytes(dumps_py2(meta))
+    return load_dataset("cifar10", root=tmp)
+
+
 DATA_CASES = [
     ("name", lambda tmp: load_dataset("bogus"), ValueError, r"name='bogus'.*moons"),
     ("split", lambda tmp: load_dataset("moons", split="val"), ValueError, r"split='val'.*train"),
@@ -427,6 +440,18 @@ DATA_CASES = [
         ),
         ValueError,
         r"train-images-idx3-ubyte.*magic number",
+    ),
+    (
+        "cifar-meta-malformed",
+        lambda tmp: _cifar_with_meta(tmp, {b"label_names": [b"cat"]}),
+        ValueError,
+        r"batches\.meta.* has no b'label_names' list of 10 byte strings",
+    ),
+    (
+        "cifar-batch-no-data",
+        lambda tmp: _cifar_with_meta(tmp, None, batch={b"labels": [0]}),
+        ValueError,
+        r"data_batch_1.* is not a CIFAR-10 python batch .*b'data'",
     ),
     (
         "image-root-not-dir",

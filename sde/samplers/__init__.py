@@ -74,7 +74,9 @@ def sample(
         SampleResult(x, nfe, sampler, options); with batching nfe sums over chunks.
 
     Raises:
-        ValueError: unknown sampler, bad shape or batch_size, or the sampler's own checks.
+        ValueError: unknown sampler, bad shape or batch_size, a non-finite x_T, a score output not
+            shaped like x (checked on its first call), or the sampler's own checks.
+        TypeError: sde is not an SDE instance, score_fn or callback is not callable.
         FloatingPointError: the samples came out non-finite.
     """
     check_choice("sampler", sampler, SAMPLERS)
