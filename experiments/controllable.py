@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from _common import load_data, plots
 from _common.app import run_task
@@ -32,6 +31,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from sde.checkpoint import load_checkpoint, save_checkpoint
+from sde.data import load_array
 
 MASK_PRESETS = ("left_half", "right_half", "top_half", "centre_box", "random")
 
@@ -165,8 +165,7 @@ def make_mask(control: DictConfig, shape: tuple[int, ...], generator: torch.Gene
     if not path.is_file():
         raise ValueError(f"control.mask={name!r} is neither a preset {list(MASK_PRESETS)} nor an existing "
                          f".pt/.npy file")
-    raw = torch.from_numpy(np.load(path, allow_pickle=False)) if path.suffix == ".npy" \
-        else torch.load(path, weights_only=True)
+    raw = load_array(path, what="control.mask")  # .npy without pickle, or torch weights_only
     mask = torch.as_tensor(raw).to(device=device, dtype=dtype)
     fits = mask.dim() in (2, 3, 4) and mask.shape[-2:] == (h, w) and (mask.dim() == 2 or mask.shape[-3] in (1, c)) \
         and (mask.dim() < 4 or mask.shape[0] in (1, b))

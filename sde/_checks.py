@@ -31,6 +31,58 @@ def check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def check_nonnegative(name: str, value: float) -> float:
+    """Raise unless ``value`` is a finite number >= 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_callable(name: str, value: Any, what: str) -> Any:
+    """Raise TypeError unless ``value`` is callable; ``what`` shows the expected call, e.g. "score_fn(x, t)"."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable as {what}, got {type(value).__name__} ({value!r:.60})")
+    return value
+
+
+def check_sde(value: Any, name: str = "sde") -> Any:
+    """Raise TypeError unless ``value`` is an ``sde.sdes.SDE`` instance (not a name, not a class)."""
+    from .sdes import SDE  # lazy: sdes imports this module
+
+    if not isinstance(value, SDE):
+        hint = " (build one, e.g. sde.VPSDE(); the apps resolve names from configs)" if isinstance(value, str) else ""
+        raise TypeError(f"{name} must be an SDE instance (VPSDE, SubVPSDE, VESDE, ...), got "
+                        f"{type(value).__name__} ({value!r:.60}){hint}")
+    return value
+
+
+def check_all_finite(name: str, value: Tensor, *, sync: bool = True) -> Tensor:
+    """Raise ValueError if ``value`` holds NaN or inf. With ``sync=False`` the check runs only for
+    CPU tensors (it would cost a device sync elsewhere): use that on per-step paths."""
+    if not sync and value.device.type != "cpu":
+        return value
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{name} holds {bad} non-finite (NaN or inf) values of {value.numel()}; "
+                         f"finite values are required")
+    return value
+
+
+def check_output_shape(name: str, out: Any, x: Tensor) -> Tensor:
+    """Raise unless ``out`` (what ``name`` returned for ``x``) is a tensor shaped like ``x``.
+
+    Metadata only (no device sync); callers run it once, on the first output."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must return a torch.Tensor shaped like x, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{name} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; "
+                         "it must return a tensor shaped like x (a smaller shape would broadcast silently)")
+    return out
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
     """Raise unless ``value`` is an int >= ``minimum``."""
     if not isinstance(value, int) or isinstance(value, bool):
@@ -42,8 +94,15 @@ def check_int(name: str, value: Any, minimum: int) -> int:
 
 def check_open_interval(name: str, value: float, low: float, high: float) -> float:
     """Raise ValueError unless ``low < value < high``."""
-    if not isinstance(value, (int, float)) or not (low < value < high):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low < value < high):
         raise ValueError(f"{name} must lie in the open interval ({low}, {high}), got {value!r}")
+    return float(value)
+
+
+def check_half_open(name: str, value: float, low: float, high: float) -> float:
+    """Raise ValueError unless ``low <= value < high`` (NaN is outside every interval)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value < high):
+        raise ValueError(f"{name} must lie in [{low}, {high}), got {value!r}")
     return float(value)
 
 
@@ -74,21 +133,29 @@ def as_time(t: float | Tensor, like: Tensor, T: float, *, batch: int | None = No
             t = t.reshape(1).expand(batch)
         elif t.dim() != 1 or t.shape[0] not in (1, batch):
             raise ValueError(f"t must be a float or a tensor of shape ({batch},), got shape {tuple(t.shape)}")
+        if t.device.type == "cpu":  # checked where it lives: free for a CPU t, even when x is on a GPU
+            _check_time_values(shared_time(t), T)
         dtype = like.dtype if like.is_floating_point() else t.dtype
         if t.shape[0] == 1 or shared_time(t) is not t:  # one time for the batch: convert it once, keep the view
-            t = t[:1].to(device=like.device, dtype=dtype).expand(batch)
-        else:
-            t = t.to(device=like.device, dtype=dtype)
-        tc = shared_time(t)  # one element to check when the batch shares it
-        if t.device.type == "cpu" and tc.numel() and (tc.min() < 0 or tc.max() > T * (1 + 1e-6)):
-            raise ValueError(f"t must lie in [0, {T}], got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
-        return t
+            return t[:1].to(device=like.device, dtype=dtype).expand(batch)
+        return t.to(device=like.device, dtype=dtype)
     if not isinstance(t, (int, float)) or isinstance(t, bool):
         raise TypeError(f"t must be a float or a Tensor, got {type(t).__name__}")
     if not (0.0 <= t <= T * (1 + 1e-6)):
         raise ValueError(f"t must lie in [0, {T}], got {t}")
     dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
     return torch.full((1,), float(t), device=like.device, dtype=dtype).expand(batch)
+
+
+def _check_time_values(t: Tensor, T: float) -> None:
+    """Range and NaN check of a CPU time tensor (one element when the batch shares it)."""
+    if bool(((t >= 0) & (t <= T * (1 + 1e-6))).all()):  # NaN fails both comparisons
+        return
+    tf = t.double()
+    nan = torch.isnan(tf)
+    if bool(nan.any()):
+        raise ValueError(f"t holds NaN ({int(nan.sum())} of {t.numel()} values); times must lie in [0, {T}]")
+    raise ValueError(f"t must lie in [0, {T}], got values in [{tf.min().item():.4g}, {tf.max().item():.4g}]")
 
 
 def shared_time(t: Tensor) -> Tensor:

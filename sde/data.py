@@ -14,20 +14,21 @@ import functools
 import gzip
 import math
 import os
-import pickle
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, check_nonnegative
+from ._io import UnsafeFileError, load_npy, load_restricted_pickle, load_tensor_file
 from .oracle import GaussianMixture
 
 __all__ = ["ArrayDataset", "load_dataset", "DATASETS", "random_hflip", "default_root", "default_gmm", "dequantize",
-           "dequantize_bins"]
+           "dequantize_bins", "load_array"]
 
 _SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -189,6 +190,19 @@ def _quantized(raw: np.ndarray, levels: int, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.array(raw)).to(torch.float64).mul(2.0 / (levels - 1)).sub(1.0).to(dtype)
 
 
+def _check_dtype(dtype: Any) -> None:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (data live in [-1, 1]), got {dtype!r}")
+
+
+def _check_synthetic(n: int, noise: float | None, dtype: Any) -> None:
+    """The shared options of the 2-D toys: n >= 1 samples, noise std >= 0, a float dtype."""
+    check_int("n", n, 1)
+    if noise is not None:
+        check_nonnegative("noise", noise)
+    _check_dtype(dtype)
+
+
 def _generator(generator: torch.Generator | None, seed: int | None, split: str) -> torch.Generator:
     if generator is not None:
         return generator
@@ -209,6 +223,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def _digits(root, split: str, *, test_every: int = 5, dtype: torch.dtype = torch.float32) -> ArrayDataset:
     """scikit-learn's 8x8 digits (1797 images, values 0..16): every ``test_every``-th image is test."""
     check_int("test_every", test_every, 2)
+    _check_dtype(dtype)
     all_images, all_targets = _digits_arrays()
     keep = (np.arange(len(all_targets)) % test_every == test_every - 1) == (split == "test")
     images = all_images[keep][:, None]  # (N, 1, 8, 8)
@@ -218,6 +233,7 @@ def _digits(root, split: str, *, test_every: int = 5, dtype: torch.dtype = torch
 
 def _moons(root, split, *, n=10000, noise=0.05, seed=None, generator=None, dtype=torch.float32) -> ArrayDataset:
     """Two interleaved half circles, labelled by moon, scaled so the noiseless shape spans [-1, 1]."""
+    _check_synthetic(n, noise, dtype)
     g = _generator(generator, seed, split)
     label = torch.randint(0, 2, (n,), generator=g)
     angle = torch.rand(n, generator=g, dtype=torch.float64) * math.pi
@@ -230,6 +246,7 @@ def _moons(root, split, *, n=10000, noise=0.05, seed=None, generator=None, dtype
 
 def _swiss_roll(root, split, *, n=10000, noise=0.03, seed=None, generator=None, dtype=torch.float32) -> ArrayDataset:
     """The 2-D swiss roll r = theta, theta in [1.5 pi, 4.5 pi], scaled by 1 / (4.5 pi) into [-1, 1]."""
+    _check_synthetic(n, noise, dtype)
     g = _generator(generator, seed, split)
     theta = math.pi * (1.5 + 3.0 * torch.rand(n, generator=g, dtype=torch.float64))
     pts = torch.stack([theta * torch.cos(theta), theta * torch.sin(theta)], 1) / (4.5 * math.pi)
@@ -240,6 +257,7 @@ def _swiss_roll(root, split, *, n=10000, noise=0.03, seed=None, generator=None, 
 def _checkerboard(root, split, *, n=10000, squares=4, seed=None, generator=None, dtype=torch.float32) -> ArrayDataset:
     """Uniform on the black cells of a ``squares`` x ``squares`` board covering [-1, 1]^2."""
     check_int("squares", squares, 2)
+    _check_synthetic(n, None, dtype)
     g = _generator(generator, seed, split)
     cells = [(i, j) for i in range(squares) for j in range(squares) if (i + j) % 2 == 0]
     pick = torch.tensor(cells, dtype=torch.float64)[torch.randint(0, len(cells), (n,), generator=g)]
@@ -256,6 +274,7 @@ def default_gmm(dtype: torch.dtype = torch.float64) -> GaussianMixture:
 
 def _gmm(root, split, *, n=10000, oracle=None, seed=None, generator=None, dtype=torch.float32) -> ArrayDataset:
     """Samples of a GaussianMixture oracle (default ``default_gmm()``), labelled by component."""
+    _check_synthetic(n, None, dtype)
     oracle = default_gmm() if oracle is None else oracle
     if not isinstance(oracle, GaussianMixture):
         raise TypeError(f"oracle must be an sde.GaussianMixture, got {type(oracle).__name__}")
@@ -268,11 +287,15 @@ def _image_folder(root, split, *, image_size=None, mode=None, dtype=torch.float3
     """Every image under ``root`` (class subfolders -> labels, sorted by name; flat -> unlabelled).
 
     ``image_size`` (int or (H, W)) resizes; otherwise all images must share one size.
-    ``mode`` is a PIL mode ("L", "RGB"); default "RGB" unless every image is grayscale.
+    ``mode`` is an 8-bit PIL mode ("L", "RGB", "RGBA"); default "RGB" unless every image is grayscale.
     ``split`` is not used: point ``root`` at a train or test folder.
     """
     from PIL import Image, UnidentifiedImageError
 
+    _check_dtype(dtype)
+    size = _check_image_size(image_size)
+    if mode is not None:
+        check_choice("mode", mode, _IMAGE_MODES)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image_folder: root {str(root)!r} is not a directory of images")
@@ -290,16 +313,18 @@ def _image_folder(root, split, *, image_size=None, mode=None, dtype=torch.float3
         try:
             with Image.open(p) as im:
                 images.append(im.copy())
-        except (UnidentifiedImageError, OSError) as err:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"image_folder: cannot read image {str(p)!r}: {err}") from err
     if mode is None:
         mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
     arrays = []
     for p, im in zip(paths, images):
-        im = im.convert(mode)
-        if image_size is not None:
-            h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-            im = im.resize((w, h), Image.BICUBIC)
+        try:
+            im = im.convert(mode)
+            if size is not None:
+                im = im.resize((size[1], size[0]), Image.BICUBIC)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"image_folder: cannot convert {str(p)!r} to mode {mode!r}: {err}") from err
         a = np.asarray(im, dtype=np.uint8)
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
         if arrays[-1].shape != arrays[0].shape:
@@ -319,6 +344,20 @@ def _image_folder(root, split, *, image_size=None, mode=None, dtype=torch.float3
     )
 
 
+_IMAGE_MODES = ("L", "RGB", "RGBA")  # 8-bit PIL modes image_folder converts to: 1, 3 or 4 channels
+
+
+def _check_image_size(image_size: Any) -> tuple[int, int] | None:
+    """None, an int or an (H, W) pair of ints >= 1."""
+    if image_size is None:
+        return None
+    pair = (image_size, image_size) if isinstance(image_size, int) else image_size
+    ok = isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2  # tuple, list, ListConfig
+    if not (ok and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in pair)):
+        raise ValueError(f"image_size must be an int >= 1 or an (H, W) pair of them, got {image_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
 def _find(root: Path, names: list[str], where: list[Path], dataset: str) -> list[Path]:
     """The first folder in ``where`` holding every file of ``names`` (each optionally .gz)."""
     for folder in where:
@@ -332,35 +371,61 @@ def _find(root: Path, names: list[str], where: list[Path], dataset: str) -> list
 _CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def _read_cifar_pickle(path: Path) -> Any:
+    """One CIFAR-10 python file through the restricted unpickler (sde._io: numpy arrays only)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        return load_restricted_pickle(f, path)
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 3, 32, 32) uint8, labels (N,)) of one data batch."""
+    try:
+        batch = _read_cifar_pickle(path)
+        arr = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        lab = np.asarray(batch[b"labels"], dtype=np.int64)
+    except UnsafeFileError:
+        raise
+    except Exception as err:
+        raise ValueError(
+            f"cifar10: {str(path)!r} is not a CIFAR-10 python batch (a pickled dict with b'data' (N, 3072) "
+            f"uint8 and b'labels'): {err}"
+        ) from err
+    if lab.shape != (arr.shape[0],):
+        raise ValueError(f"cifar10: {str(path)!r} has {arr.shape[0]} images but {lab.shape} labels")
+    return arr, lab
+
+
+def _cifar_classes(folder: Path) -> list[str]:
+    """Class names from ``batches.meta`` when it is there (restricted unpickler too), else the standard ten."""
+    path = folder / "batches.meta"
+    if not path.is_file():
+        return list(_CIFAR_CLASSES)
+    meta = _read_cifar_pickle(path)
+    names = meta.get(b"label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, bytes) for n in names)):
+        raise ValueError(f"cifar10: {str(path)!r} has no b'label_names' list of 10 byte strings")
+    return [n.decode("utf-8", "replace") for n in names]
+
+
 def _cifar10(root, split, *, dtype=torch.float32) -> ArrayDataset:
-    """CIFAR-10 from the python-pickle folder ``cifar-10-batches-py`` (in ``root`` or being ``root``)."""
+    """CIFAR-10 from the python-pickle folder ``cifar-10-batches-py`` (in ``root`` or being ``root``).
+
+    The batches are read with a restricted unpickler: a file that references anything but
+    numpy arrays is refused (sde._io, docs/security.md).
+    """
+    _check_dtype(dtype)
     root = Path(root)
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    data, labels = [], []
-    for path in _find(root, names, [root / "cifar-10-batches-py", root], "cifar10"):
-        try:
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            arr = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            lab = np.asarray(batch[b"labels"], dtype=np.int64)
-        except Exception as err:
-            raise ValueError(
-                f"cifar10: {str(path)!r} is not a CIFAR-10 python batch (a pickled dict with b'data' (N, 3072) "
-                f"uint8 and b'labels'): {err}"
-            ) from err
-        if lab.shape != (arr.shape[0],):
-            raise ValueError(f"cifar10: {str(path)!r} has {arr.shape[0]} images but {lab.shape[0]} labels")
-        data.append(arr)
-        labels.append(lab)
-    data_t = _quantized(np.concatenate(data), 256, dtype)
+    paths = _find(root, names, [root / "cifar-10-batches-py", root], "cifar10")
+    data, labels = zip(*(_cifar_batch(path) for path in paths))
     return ArrayDataset(
-        data_t,
+        _quantized(np.concatenate(data), 256, dtype),
         torch.from_numpy(np.concatenate(labels)),
         levels=256,
         num_classes=10,
         name="cifar10",
-        classes=_CIFAR_CLASSES,
+        classes=_cifar_classes(paths[0].parent),
     )
 
 
@@ -384,6 +449,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 
 def _mnist(root, split, *, dtype=torch.float32) -> ArrayDataset:
     """MNIST from the four idx files (train-/t10k-images-idx3-ubyte, -labels-idx1-ubyte, optionally .gz)."""
+    _check_dtype(dtype)
     root = Path(root)
     prefix = "train" if split == "train" else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
@@ -398,6 +464,33 @@ def _mnist(root, split, *, dtype=torch.float32) -> ArrayDataset:
         num_classes=10,
         name="mnist",
     )
+
+
+def load_array(path: str | os.PathLike, *, what: str = "array") -> Tensor:
+    """A tensor stored in ``path``: a ``.npy`` file (``np.load(allow_pickle=False)``) or a torch file
+    (``torch.load(weights_only=True)``); nothing in the file can choose code to run.
+
+    Args:
+        path: the file.
+        what: the argument or config key it came from, for error messages (e.g. "control.mask").
+
+    Returns:
+        The tensor (CPU).
+
+    Raises:
+        FileNotFoundError: no such file.
+        sde._io.UnsafeFileError (a ValueError): the file asks for pickled objects.
+        ValueError: the file is unreadable or does not hold a single tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")
+    raw = load_npy(path, what) if path.suffix == ".npy" else load_tensor_file(path, what)
+    if isinstance(raw, np.ndarray):
+        return torch.from_numpy(raw)
+    if not isinstance(raw, Tensor):
+        raise ValueError(f"{what}: {str(path)!r} holds a {type(raw).__name__}, expected one tensor or array")
+    return raw
 
 
 # name -> loader(root, split, **opts); on-disk loaders get root (default_root() if None)
@@ -432,6 +525,8 @@ def load_dataset(name: str, *, root: str | os.PathLike | None = None, split: str
     check_choice("split", split, _SPLITS)
     if name in _ON_DISK and root is None:
         root = default_root()
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__} ({root!r:.60})")
     try:
         return DATASETS[name](root, split, **opts)
     except TypeError as err:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_time, bcast, check_int, check_open_interval, check_positive, check_tensor
+from ._checks import as_time, bcast, check_callable, check_int, check_open_interval, check_positive, check_tensor
 from .sdes import SDE, ScoreFn
 
 __all__ = [
@@ -96,6 +96,8 @@ def classifier_guided_score(score_fn: ScoreFn, classifier: Classifier, y: int | 
     """
     scale = _check_scale(scale)
     y = _check_labels("classifier_guided_score", y, _num_classes(classifier), "classifier")
+    check_callable("score_fn", score_fn, "score_fn(x, t)")
+    check_callable("classifier", classifier, "classifier(x, t)")
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         labels = _labels_for(y, x)
@@ -141,6 +143,7 @@ def cfg_score(model: ConditionalScore, y: int | Tensor, scale: float = 1.0) -> S
     """
     scale = _check_scale(scale)
     y = _check_labels("cfg_score", y, _num_classes(model), "model")
+    check_callable("model", model, "model(x, t, y)")
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         labels = _labels_for(y, x)

@@ -37,7 +37,17 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._checks import as_time, bcast, check_choice, check_int, check_positive, check_tensor
+from ._checks import (
+    as_time,
+    bcast,
+    check_all_finite,
+    check_callable,
+    check_choice,
+    check_int,
+    check_positive,
+    check_sde,
+    check_tensor,
+)
 from .flow import tweedie
 from .sdes import SDE, ScoreFn
 
@@ -94,7 +104,7 @@ def inpainting_constraint(y: Tensor, mask: Tensor) -> Constraint:
         TypeError / ValueError: y not a float tensor, mask shape not broadcastable to y,
             or mask values other than 0 and 1.
     """
-    check_tensor("y", y, 2)
+    check_all_finite("y", check_tensor("y", y, 2))
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     try:
@@ -126,7 +136,7 @@ def colorization_constraint(gray: Tensor, channels: int = 3) -> Constraint:
     Raises:
         TypeError / ValueError: gray is not a float tensor of shape (B, 1, H, W).
     """
-    check_tensor("gray", gray, 4)
+    check_all_finite("gray", check_tensor("gray", gray, 4))
     if gray.dim() != 4 or gray.shape[1] != 1:
         raise ValueError(f"gray must have shape (B, 1, H, W), got {tuple(gray.shape)}")
     check_int("channels", channels, 2)
@@ -147,7 +157,7 @@ def super_resolution_constraint(y_low: Tensor, factor: int) -> Constraint:
     Raises:
         TypeError / ValueError: y_low is not (B, C, h, w) floats, or factor < 1.
     """
-    check_tensor("y_low", y_low, 4)
+    check_all_finite("y_low", check_tensor("y_low", y_low, 4))
     if y_low.dim() != 4:
         raise ValueError(f"y_low must have shape (B, C, h, w), got {tuple(y_low.shape)}")
     f = check_int("factor", factor, 1)
@@ -170,6 +180,15 @@ def _alpha_sigma2(sde: SDE, x: Tensor, t: float | Tensor) -> tuple[Tensor, Tenso
     return t, bcast(sde.alpha(t), x), bcast(sde.sigma(t) ** 2, x)
 
 
+def _check_conditioning_inputs(score_fn: Any, sde: Any, constraint: Any) -> Constraint:
+    check_callable("score_fn", score_fn, "score_fn(x, t)")
+    check_sde(sde)
+    if not isinstance(constraint, Constraint):
+        raise TypeError(f"constraint must be an sde.inverse.Constraint (from inpainting_constraint, ...), "
+                        f"got {type(constraint).__name__}")
+    return constraint
+
+
 def _check_batch(x: Tensor, target: Tensor) -> None:
     if x.shape != target.shape:
         raise ValueError(f"x has shape {tuple(x.shape)} but the measurement defines samples of {tuple(target.shape)}")
@@ -190,7 +209,7 @@ def replacement_score(score_fn: ScoreFn, sde: SDE, constraint: Constraint) -> Sc
         The conditional score function; diverges like 1/sigma^2 as t -> 0, so sample to
         t = eps > 0 and finish with ``project``.
     """
-    P, b = constraint
+    P, b = _check_conditioning_inputs(score_fn, sde, constraint)
 
     def conditional(x: Tensor, t: Tensor) -> Tensor:
         _check_batch(x, b)
@@ -219,7 +238,7 @@ def dps_score(score_fn: ScoreFn, sde: SDE, constraint: Constraint, zeta: float =
         The guided score function.
     """
     zeta = check_positive("zeta", zeta)
-    P, b = constraint
+    P, b = _check_conditioning_inputs(score_fn, sde, constraint)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         _check_batch(x, b)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._checks import check_choice, check_int, check_positive, check_tensor
+from ._checks import check_all_finite, check_choice, check_int, check_positive, check_sde, check_tensor
 from .flow import ADAPTIVE_METHODS, check_ode, integrate_ode, ode_times, pf_velocity
 from .samplers._base import CountedScore
 from .samplers.grids import Grid
@@ -206,6 +206,7 @@ def _check_solve(sde: SDE, method: str, rtol: float, atol: float, steps: int | N
                  rho: float, options: dict | None, from_T: str | None = None) -> _Solve:
     """The one validation of sde.flow (the ``ode`` sampler's), with this module's default eps; with
     ``from_T`` (the caller's name) the grid must start at T, where the prior density is known."""
+    check_sde(sde)
     options = check_ode(method, rtol, atol, options)
     eps = DEFAULT_EPS if eps is None and isinstance(grid, str) else eps
     ts = ode_times(sde, method, steps, eps, grid, rho=rho)
@@ -284,7 +285,8 @@ def log_likelihood(
         ValueError: unknown divergence/probe/method, a fixed-grid method without steps, rtol/atol
             <= 0, eps outside (0, T), a grid not starting at T, n_probes, steps or batch_size < 1,
             an option the method does not take.
-        TypeError: x is not a floating tensor.
+        TypeError: x is not a floating tensor, sde not an SDE, score_fn not callable.
+        ValueError: x holds NaN/inf; score_fn's output is not shaped like x.
     """
     _check_likelihood(x, divergence, probe, n_probes)
     solve = _check_solve(sde, method, rtol, atol, steps, eps, grid, rho, options, from_T="log_likelihood")
@@ -298,7 +300,7 @@ def log_likelihood(
 
 
 def _check_likelihood(x: Tensor, divergence: str, probe: str, n_probes: int) -> None:
-    check_tensor("x", x, 2)
+    check_all_finite("x", check_tensor("x", x, 2))  # one sync; NaN would be torchdiffeq's "underflow in dt"
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("probe", probe, PROBES)
     check_int("n_probes", n_probes, 1)
@@ -309,8 +311,9 @@ def _flow(score_fn: ScoreFn, sde: SDE, x: Tensor, name: str, to_latent: bool, *,
           progress: bool, options: dict | None) -> Tensor:
     """Integrate the PF-ODE alone (no divergence) through the grid, mini-batch by mini-batch:
     eps -> T when ``to_latent`` (encode), T -> eps otherwise (decode). ``name`` is x's argument name."""
-    check_tensor(name, x, 2)
+    check_all_finite(name, check_tensor(name, x, 2))
     solve = _check_solve(sde, method, rtol, atol, steps, eps, grid, rho, options)
+    score_fn = CountedScore(score_fn)  # callable, and its first output shaped like x
 
     def func(t: Tensor, xt: Tensor) -> Tensor:
         return _velocity(score_fn, sde, xt, t)

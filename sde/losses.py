@@ -23,7 +23,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import bcast, check_choice, check_int, check_open_interval, check_tensor
+from ._checks import (
+    bcast,
+    check_all_finite,
+    check_callable,
+    check_choice,
+    check_int,
+    check_open_interval,
+    check_output_shape,
+    check_sde,
+    check_tensor,
+)
 from .data import dequantize  # the dataset's dequantization (one home: sde/data.py)
 from .sdes import SDE
 
@@ -50,6 +60,7 @@ def sample_time(
     Uniform: w = 1. Importance sampling: t uniform in log-SNR (density g^2/sigma^2 / Z) and
     w = Z / ((T - eps) g^2/sigma^2), computed in float64.
     """
+    check_int("batch", batch, 1)
     u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
     if not importance_sampling:
         return (eps + u * (sde.T - eps)).to(dtype), torch.ones(batch, device=device, dtype=dtype)
@@ -91,9 +102,14 @@ def dsm_loss(
         The scalar loss.
 
     Raises:
-        ValueError: bad reduce / eps, or importance_sampling without likelihood_weighting.
+        ValueError: bad reduce / eps, importance_sampling without likelihood_weighting, NaN/inf in a
+            CPU x0 (device tensors are not inspected: that would sync every step; the Trainer checks
+            its data once), or a model output not shaped like x.
+        TypeError: model not callable, sde not an SDE, x0 not a floating tensor.
     """
-    check_tensor("x0", x0, 2)
+    check_sde(sde)
+    check_callable("model", model, "model(x, t) -> Tensor shaped like x")
+    check_all_finite("x0", check_tensor("x0", x0, 2), sync=False)  # on CPU only: no per-step device sync
     check_choice("reduce", reduce, REDUCTIONS)
     check_open_interval("eps", eps, 0.0, sde.T)
     if importance_sampling and not likelihood_weighting:
@@ -108,7 +124,7 @@ def dsm_loss(
         dtype=x0.dtype,
     )
     x_t, z = sde.perturb(x0, t, generator=generator)
-    score = model(x_t, t) if y is None else model(x_t, t, y)
+    score = check_output_shape("model", model(x_t, t) if y is None else model(x_t, t, y), x_t)
     sigma = sde.sigma(t)
     err = REDUCTIONS[reduce]((bcast(sigma, x0) * score + z).flatten(1) ** 2)  # sigma^2 || s + z/sigma ||^2
     if likelihood_weighting:  # g^2 || s + z/sigma ||^2; times the IS weight this is Z/(T-eps) ||sigma s + z||^2

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_int, check_tensor
+from ._checks import as_time, check_all_finite, check_int, check_sde, check_tensor
 from .sdes import SDE
 
 __all__ = ["GaussianMixture"]
@@ -45,15 +45,15 @@ class GaussianMixture:
         stds: Tensor | float | None = None,
         weights: Tensor | None = None,
     ) -> None:
-        means = check_tensor("means", torch.as_tensor(means), 2)
-        if means.dim() != 2:
-            raise ValueError(f"means must have shape (K, D), got {tuple(means.shape)}")
+        means = check_all_finite("means", check_tensor("means", torch.as_tensor(means), 2))
+        if means.dim() != 2 or 0 in means.shape:
+            raise ValueError(f"means must have shape (K, D) with K, D >= 1, got {tuple(means.shape)}")
         K, D = means.shape
         dtype, device = means.dtype, means.device
         if (covs is None) == (stds is None):
             raise ValueError("give exactly one of covs (K, D, D) and stds ((K,) or (K, D))")
         if covs is not None:
-            covs = torch.as_tensor(covs, dtype=dtype, device=device)
+            covs = check_all_finite("covs", torch.as_tensor(covs, dtype=dtype, device=device))
             if covs.shape != (K, D, D):
                 raise ValueError(f"covs must have shape (K, D, D) = ({K}, {D}, {D}), got {tuple(covs.shape)}")
             if not torch.allclose(covs, covs.transpose(-1, -2), atol=1e-6 * covs.abs().max().item()):
@@ -63,7 +63,7 @@ class GaussianMixture:
                 raise ValueError(f"covs must be positive definite; smallest eigenvalue {evals.min().item():.3g}")
             self.eigvals, self.eigvecs = evals, evecs  # (K, D), (K, D, D)
         else:
-            stds = torch.as_tensor(stds, dtype=dtype, device=device)
+            stds = check_all_finite("stds", torch.as_tensor(stds, dtype=dtype, device=device))
             if stds.dim() == 0:
                 stds = stds.expand(K)
             if stds.shape == (K,):
@@ -71,11 +71,11 @@ class GaussianMixture:
             if stds.shape != (K, D):
                 raise ValueError(f"stds must be a float, (K,) = ({K},) or (K, D) = ({K}, {D}); got {tuple(stds.shape)}")
             if (stds <= 0).any():
-                raise ValueError("stds must be positive")
+                raise ValueError(f"stds must be positive, got minimum {stds.min().item():.4g}")
             self.eigvals, self.eigvecs = stds.pow(2).contiguous(), None  # diagonal: no rotation
         if weights is None:
             weights = torch.full((K,), 1.0 / K, dtype=dtype, device=device)
-        weights = torch.as_tensor(weights, dtype=dtype, device=device)
+        weights = check_all_finite("weights", torch.as_tensor(weights, dtype=dtype, device=device))
         if weights.shape != (K,):
             raise ValueError(f"weights must have shape (K,) = ({K},), got {tuple(weights.shape)}")
         if (weights <= 0).any() or abs(weights.sum().item() - 1.0) > 1e-5:
@@ -120,7 +120,7 @@ class GaussianMixture:
 
     def marginal(self, sde: SDE, t: float) -> GaussianMixture:
         """p_t under ``sde`` as a mixture: means alpha mu_k, covs alpha^2 Sigma_k + sigma^2 I."""
-        tt = as_time(float(t), self.means, sde.T, batch=1)
+        tt = as_time(float(t), self.means, check_sde(sde).T, batch=1)
         a, s = sde.alpha(tt)[0], sde.sigma(tt)[0]
         return self._replace(a * self.means, a**2 * self.eigvals + s**2)
 
@@ -163,6 +163,7 @@ class GaussianMixture:
         if sde is None:
             one = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
             return one, torch.zeros_like(one)
+        check_sde(sde)
         tt = as_time(0.0 if t is None else t, x, sde.T)
         return sde.alpha(tt), sde.sigma(tt) ** 2
 
@@ -189,6 +190,7 @@ class GaussianMixture:
 
     def score_fn(self, sde: SDE) -> Callable[[Tensor, Tensor], Tensor]:
         """The exact score of the diffused marginal, as a ``score_fn(x, t)``."""
+        check_sde(sde)
 
         def score_fn(x: Tensor, t: Tensor) -> Tensor:
             return self.score(x, sde, t)

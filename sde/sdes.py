@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time, bcast, check_choice, check_int, check_positive
+from ._checks import as_time, bcast, check_callable, check_choice, check_int, check_positive, check_tensor
 from .flow import reverse_term
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -80,7 +80,7 @@ class SDE(abc.ABC):
         Raises:
             ValueError: t has the wrong shape or lies outside [0, T].
         """
-        t = as_time(t, x0, self.T)
+        t = as_time(t, check_tensor("x0", x0), self.T)
         return bcast(self.alpha(t), x0) * x0, self.sigma(t)
 
     def perturb(
@@ -99,7 +99,12 @@ class SDE(abc.ABC):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Draw from the prior N(0, prior_std^2 I)."""
+        """Draw from the prior N(0, prior_std^2 I); ``shape`` is batch-first, every size >= 1."""
+        dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else ()
+        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+            raise ValueError(f"shape must be a non-empty tuple of ints >= 1 (batch first), got {shape!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
         return z * self.prior_std
 
@@ -114,9 +119,9 @@ class SDE(abc.ABC):
         """One step of the discrete forward chain: x_{i+1} = x_i + f_i + G_i z.
 
         The default is Euler-Maruyama: f_i = f(x, t) dt, G_i = g(t) sqrt(dt).
-        ``dt`` defaults to T / N.
+        ``dt`` defaults to T / N; it must be > 0 (the chain steps forward).
         """
-        dt = self.T / self.N if dt is None else dt
+        dt = self.T / self.N if dt is None else check_positive("dt", dt)
         t = as_time(t, x, self.T)
         return self.drift(x, t) * dt, self.diffusion(t) * math.sqrt(dt)
 
@@ -149,7 +154,7 @@ class ReverseSDE:
 
     def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False) -> None:
         self.sde = sde
-        self.score_fn = score_fn
+        self.score_fn = check_callable("score_fn", score_fn, "score_fn(x, t) -> Tensor shaped like x")
         self.probability_flow = probability_flow
         self.T = sde.T
 
@@ -262,7 +267,7 @@ class VPSDE(SDE):
     def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
         """DDPM step (Ho et al. 2020): beta_i = beta(t) dt, f = (sqrt(1 - beta_i) - 1) x,
         G = sqrt(beta_i). With dt = 1/N at t_i = i/(N-1) this is DDPM's linear beta list."""
-        dt = self.T / self.N if dt is None else dt
+        dt = self.T / self.N if dt is None else check_positive("dt", dt)
         t = as_time(t, x, self.T)
         beta_i = self.beta(t) * dt
         return bcast(torch.sqrt(1.0 - beta_i) - 1.0, x) * x, torch.sqrt(beta_i)
@@ -362,7 +367,7 @@ class VESDE(SDE):
     def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
         """SMLD step (Song & Ermon 2019): G = sqrt(var(t) - var(t - dt)), f = 0. With
         dt = 1/(N-1) at t_i = i/(N-1) this is the geometric sigma list of NCSN."""
-        dt = self.T / self.N if dt is None else dt
+        dt = self.T / self.N if dt is None else check_positive("dt", dt)
         t = as_time(t, x, self.T)
         var_now = self.sigma(t) ** 2
         var_prev = self.sigma(torch.clamp(t - dt, min=0.0)) ** 2

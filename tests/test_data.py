@@ -1,7 +1,6 @@
 """Datasets: on-disk loaders read tiny files written here in each real format."""
 
 import gzip
-import pickle
 import struct
 
 import numpy as np
@@ -11,6 +10,8 @@ from PIL import Image
 
 from sde import GaussianMixture
 from sde.data import DATASETS, ArrayDataset, load_dataset, random_hflip
+
+from _py2pickle import dumps_py2  # isort: skip  (tests/ helper: CIFAR-10's Python 2 pickle format)
 
 
 def _scaled(raw):
@@ -24,10 +25,16 @@ def _write_cifar(folder, rng, n=3):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n).tolist()
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": []}, f)
+        files = [f"{name}_{i}.png".encode() for i in range(n)]
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": files}
+        (folder / name).write_bytes(dumps_py2(batch))
         batches[name] = (data, labels)
+    meta = {b"num_cases_per_batch": n, b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(dumps_py2(meta))
     return batches
+
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def test_cifar10(tmp_path):
@@ -42,6 +49,7 @@ def test_cifar10(tmp_path):
     test = load_dataset("cifar10", root=tmp_path / "cifar-10-batches-py", split="test")  # the folder itself works too
     assert len(test) == 3 and test.labels.tolist() == batches["test_batch"][1]
     assert -1.0 <= train.data.min() and train.data.max() <= 1.0
+    assert train.classes == CLASSES  # read from batches.meta
 
 
 def test_cifar10_missing_and_corrupt(tmp_path):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._io import load_tensor_file
+
 __all__ = ["FIDInceptionV3", "load_fid_inception"]
 
 
@@ -201,7 +203,7 @@ def load_fid_inception(path: str | os.PathLike, *, device: torch.device | str | 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights file {path!r} not found; download pytorch-fid's "
                                 "pt_inception-2015-12-05-6726825d.pth once and pass its path")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensor_file(path, "Inception weights")
     if not isinstance(state, dict):
         raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
     model = FIDInceptionV3(resize=resize)

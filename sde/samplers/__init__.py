@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int, check_tensor
+from .._checks import check_callable, check_choice, check_int, check_sde, check_tensor
 from ..sdes import SDE, ScoreFn
 from ._base import Callback, SampleResult, default_eps
 from .correctors import CORRECTORS, annealed_langevin, langevin
@@ -71,10 +71,15 @@ def sample(
         SampleResult(x, nfe, sampler, options); with batching nfe sums over chunks.
 
     Raises:
-        ValueError: unknown sampler, bad shape or batch_size, or the sampler's own checks.
+        ValueError: unknown sampler, bad shape or batch_size, a non-finite x_T, a score output not
+            shaped like x (checked on its first call), or the sampler's own checks.
+        TypeError: sde is not an SDE instance, score_fn or callback is not callable.
         FloatingPointError: the samples came out non-finite.
     """
     check_choice("sampler", sampler, SAMPLERS)
+    check_sde(sde)  # before x_T is drawn from it
+    if callback is not None:
+        check_callable("callback", callback, "callback(info: dict)")
     fn = SAMPLERS[sampler]
     if isinstance(shape_or_x_T, Tensor):
         x_T = check_tensor("shape_or_x_T", shape_or_x_T, 1)

@@ -11,7 +11,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_open_interval, check_tensor
+from .._checks import (
+    check_all_finite,
+    check_callable,
+    check_int,
+    check_open_interval,
+    check_output_shape,
+    check_sde,
+    check_tensor,
+)
 from ..flow import tweedie
 from ..sdes import SDE, VESDE, ScoreFn
 
@@ -39,17 +47,23 @@ class SampleResult:
 
 
 class CountedScore:
-    """Wraps a score_fn and counts its calls in a Python int (no device sync)."""
+    """Wraps a score_fn and counts its calls in a Python int (no device sync).
 
-    def __init__(self, score_fn: ScoreFn) -> None:
-        if not callable(score_fn):
-            raise TypeError(f"score_fn must be callable score_fn(x, t), got {type(score_fn).__name__}")
-        self.score_fn = score_fn
+    The first output is checked once to be a tensor shaped like x (metadata only: no sync), so a
+    score of the wrong shape fails at the first call, naming ``name``, instead of broadcasting.
+    """
+
+    def __init__(self, score_fn: ScoreFn, name: str = "score_fn") -> None:
+        self.score_fn = check_callable(name, score_fn, f"{name}(x, t) -> Tensor shaped like x")
+        self.name = name
         self.calls = 0
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
-        return self.score_fn(x, t)
+        out = self.score_fn(x, t)
+        if self.calls == 1:
+            check_output_shape(self.name, out, x)
+        return out
 
 
 def default_eps(sde: SDE) -> float:
@@ -59,9 +73,8 @@ def default_eps(sde: SDE) -> float:
 
 def check_common(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None) -> float | None:
     """Validate the shared arguments; returns eps (None stays None: the grid decides it)."""
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an SDE (VPSDE, SubVPSDE, VESDE), got {type(sde).__name__}")
-    check_tensor("x_T", x_T, 1)
+    check_sde(sde)
+    check_all_finite("x_T", check_tensor("x_T", x_T, 1))  # one sync per call, at entry: a NaN start is named here
     if steps is not None:
         check_int("steps", steps, 1)
     return None if eps is None else check_open_interval("eps", eps, 0.0, sde.T)
@@ -82,6 +95,7 @@ def denoise_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: float) -> Tensor:
 def emit(callback: Callback | None, i: int, t: Tensor, x: Tensor, x0_hat: Tensor | Callable[[], Tensor]) -> None:
     """Call ``callback`` with the step's info; ``x0_hat`` may be a thunk, built only if needed."""
     if callback is not None:
+        check_callable("callback", callback, "callback(info: dict)")
         callback({"i": i, "t": t, "x": x, "x0_hat": x0_hat() if callable(x0_hat) else x0_hat})
 
 

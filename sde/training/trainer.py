@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .._checks import check_int, check_open_interval, check_tensor
+from .._checks import check_all_finite, check_callable, check_half_open, check_int, check_open_interval, check_tensor
 from ..checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointManager,
@@ -80,22 +81,45 @@ class TrainConfig:
             check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "log_every", "eval_every", "ckpt_every", "keep_every", "seed"):
             check_int(name, getattr(self, name), 0)
-        for name in ("lr", "adam_eps"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "grad_clip"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        for name, minimum in (("lr", "> 0"), ("adam_eps", "> 0"), ("weight_decay", ">= 0"), ("grad_clip", ">= 0")):
+            _check_hyperparameter(name, getattr(self, name), minimum)
+        if self.lr * self.weight_decay >= 1.0:
+            raise ValueError(f"lr * weight_decay must be < 1 (AdamW multiplies the weights by 1 - lr * weight_decay "
+                             f"each step), got lr={self.lr!r}, weight_decay={self.weight_decay!r}")
+        betas = self.betas
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2) of AdamW moment decays in [0, 1), got {betas!r}")
+        self.betas = tuple(check_half_open(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
         check_open_interval("ema_decay", self.ema_decay, 0.0, 1.0)
         if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
                                                    and not isinstance(self.time_budget_s, bool)
                                                    and self.time_budget_s > 0):
             raise ValueError(f"time_budget_s must be a number of seconds > 0 or None, got {self.time_budget_s!r}")
-        self.betas = tuple(float(b) for b in self.betas)
+        for name in ("ema_warmup", "bf16", "compile", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
+                                f"({getattr(self, name)!r})")
+        if not isinstance(self.best_metric, str) or not self.best_metric:
+            raise ValueError(f"best_metric must be the non-empty name of an eval-hook metric, got {self.best_metric!r}")
+        if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir must be a path (str) or None, got {type(self.out_dir).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """Primitive-only dict (tuples become lists) for checkpoints and loggers."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # hyperparameters above it overflow in float32 training
+
+
+def _check_hyperparameter(name: str, value: Any, minimum: str) -> None:
+    """A real number, finite, not overflowing float32, and > 0 or >= 0 (``minimum``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    ok = math.isfinite(value) and abs(value) <= _FLOAT32_MAX and (value > 0 if minimum == "> 0" else value >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {minimum} that fits in float32 (<= {_FLOAT32_MAX:.3g}), "
+                         f"got {value!r}")
 
 
 # Settings that change the trajectory: resuming with different values would not continue the same run.
@@ -104,7 +128,8 @@ _TRAJECTORY_KEYS = ("batch_size", "lr", "weight_decay", "betas", "adam_eps", "wa
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss (or gradient norm) became NaN/inf; training stopped before applying the step."""
+    """Training stopped on a NaN/inf: the loss or gradient norm (before the step was applied), or the
+    weights, EMA or optimizer moments after an update (no checkpoint is ever written from such a state)."""
 
 
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
@@ -142,6 +167,7 @@ class Trainer:
                  labels: Tensor | None = None, loss_fn: LossFn | None = None, callbacks: Sequence[EvalHook] = (),
                  log_fn: LogFn | None = None, model_config: dict[str, Any] | None = None,
                  device: torch.device | str | None = None, dist_info: DistInfo | None = None) -> None:
+        _check_trainer_inputs(model, loss_fn, callbacks, log_fn)
         self.config = cfg = config if config is not None else TrainConfig()
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
@@ -152,7 +178,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.sde = sde
         data = getattr(data, "data", data)
-        self.data = check_tensor("data", data).to(self.device)
+        self.data = check_all_finite("data", check_tensor("data", data)).to(self.device)  # once, not per step
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape[:1] != self.data.shape[:1]):
             raise ValueError(f"labels must be a tensor with {self.data.shape[0]} rows, got {labels!r:.80}")
         self.labels = labels.to(self.device) if labels is not None else None
@@ -176,6 +202,7 @@ class Trainer:
             raise ValueError(f"batch_size={cfg.batch_size} exceeds this rank's {len(self._sampler)} examples "
                              f"({self.data.shape[0]} in all over {self.dist.world_size} ranks)")
         self._epoch_cache: tuple[int, Tensor] | None = None
+        self._pending_state_max: Tensor | None = None  # non-finite guard: see check_state_finite
         on_cuda = self.device.type == "cuda"
         train_model: nn.Module = self.model
         if self.dist.distributed:
@@ -263,26 +290,64 @@ class Trainer:
         loss.backward()  # a non-finite loss only spoils gradients that are never applied (checked below)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, change nothing
-        loss_value, grad_norm = self._host_values(loss.detach(), nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm_t = nn.utils.clip_grad_norm_(params, max_norm)
+        # one host sync: this step's loss and gradient norm, and the state left by the previous update
+        loss_value, grad_norm, state_max = self._host_values(loss.detach(), grad_norm_t, self._pending_state_max)
+        self._raise_if_bad_state(state_max)
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value} at step {self.step + 1}; stopped before applying it "
-                                     f"(last good checkpoint kept: {self._latest_name()})")
+                                     f"({self._last_good()})")
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}; stopped before applying "
-                                     f"it (last good checkpoint kept: {self._latest_name()})")
+                                     f"it ({self._last_good()})")
         self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.step += 1
+        # max |value| over weights, EMA and moments, read at the next host sync or before a checkpoint is written
+        self._pending_state_max = nn.utils.get_total_norm(self._state_tensors(), math.inf)
+        if self.step == cfg.total_steps:  # no next sync: read it now
+            self.check_state_finite()
         return loss_value, grad_norm, lr
 
-    def _host_values(self, loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
-        """(loss averaged over all ranks, gradient norm) as Python floats: one host sync per step."""
+    def _host_values(self, loss: Tensor, grad_norm: Tensor, state_max: Tensor | None = None) -> tuple[float, ...]:
+        """(loss averaged over all ranks, gradient norm, state max or nan) as Python floats: one host sync."""
         loss = loss.to(torch.float64, copy=True)  # logged/averaged in float64 whatever the training dtype
         if self.dist.distributed:  # equal per-rank batches: mean of rank means = mean over the global batch
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss /= self.dist.world_size
-        loss_value, grad_norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()
-        return loss_value, grad_norm_value
+        state = loss.new_zeros(()) if state_max is None else state_max.to(loss)
+        loss_value, grad_norm_value, state_value = torch.stack([loss, grad_norm.to(loss), state]).tolist()
+        return loss_value, grad_norm_value, state_value
+
+    # ----------------------------------------------------------------------------- non-finite guard
+    def _state_tensors(self) -> list[Tensor]:
+        """Everything a checkpoint stores as floats: weights, float buffers, EMA and optimizer moments."""
+        out = [t.detach() for m in (self.model, self.ema.model) for t in (*m.parameters(), *m.buffers())
+               if t.is_floating_point()]
+        for st in self.optimizer.state.values():
+            out += [v for v in st.values() if isinstance(v, Tensor) and v.is_floating_point() and v.dim() > 0]
+        return out
+
+    def check_state_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if the last update left a NaN/inf in the weights, the EMA or the
+        optimizer moments (one host sync; :meth:`save` calls it, so no such checkpoint is ever written)."""
+        if self._pending_state_max is not None:
+            self._raise_if_bad_state(float(self._pending_state_max))
+
+    def _raise_if_bad_state(self, state_max: float) -> None:
+        if math.isfinite(state_max):
+            self._pending_state_max = None  # checked: nothing pending
+            return
+        groups = {"weights": [*self.model.parameters(), *self.model.buffers()],
+                  "EMA": [*self.ema.model.parameters(), *self.ema.model.buffers()],
+                  "optimizer moments": [v for st in self.optimizer.state.values() for v in st.values()
+                                        if isinstance(v, Tensor) and v.dim() > 0]}
+        bad = [name for name, ts in groups.items()
+               if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)]
+        raise NonFiniteLossError(
+            f"the update of step {self.step} (lr={self.optimizer.param_groups[0]['lr']:.4g}) left non-finite values "
+            f"in the {', '.join(bad) or 'training state'}; stopped, and no checkpoint was written from it "
+            f"({self._last_good()})")
 
     def _evaluate(self) -> bool:
         if not self.dist.is_main or not self.callbacks:
@@ -299,6 +364,9 @@ class Trainer:
                     metrics["metric"] = float(out)
         self.model.train()
         self.eval_metrics = metrics
+        if metrics and self.config.best_metric not in metrics:
+            raise ValueError(f"best_metric={self.config.best_metric!r} is not among the eval hooks' metrics "
+                             f"{sorted(metrics)}; set TrainConfig.best_metric to one of them")
         if metrics:
             self._log({"step": self.step, **metrics})
         value = metrics.get(self.config.best_metric)
@@ -311,8 +379,14 @@ class Trainer:
         if self.log_fn is not None and self.dist.is_main:
             self.log_fn(dict(metrics))
 
-    def _latest_name(self) -> str:
-        return str(self.checkpoints.latest) if self.checkpoints is not None else "none"
+    def _last_good(self) -> str:
+        """Where the last good state is: named only if that file exists."""
+        if self.checkpoints is None:
+            return "no checkpoints are written: out_dir is None" if self.config.out_dir is None \
+                else "checkpoints are written by rank 0"
+        if not self.checkpoints.latest.is_file():
+            return f"no checkpoint was written yet in {str(self.checkpoints.directory)!r}"
+        return f"last good checkpoint kept: {self.checkpoints.latest}"
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -338,7 +412,8 @@ class Trainer:
         }
 
     def save(self, *, is_best: bool = False) -> None:
-        """Write latest.pt (and best.pt / step_XXXXXXXX.pt when due) from rank 0."""
+        """Write latest.pt (and best.pt / step_XXXXXXXX.pt when due) from rank 0; never a non-finite state."""
+        self.check_state_finite()
         state = self.state_dict()
         if self.checkpoints is not None:
             self.checkpoints.save(state, self.step, is_best=is_best)
@@ -395,6 +470,20 @@ def _with_budget(stop: Callable[[int], bool] | None, seconds: float | None) -> C
         return stop
     deadline = time.perf_counter() + seconds
     return lambda step: time.perf_counter() > deadline or (stop is not None and stop(step))
+
+
+def _check_trainer_inputs(model: Any, loss_fn: Any, callbacks: Any, log_fn: Any) -> None:
+    """Types of the Trainer's objects, named before anything is built."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} ({model!r:.60})")
+    if loss_fn is not None:
+        check_callable("loss_fn", loss_fn, "loss_fn(model, sde, x0, *, generator[, y]) -> scalar Tensor")
+    if log_fn is not None:
+        check_callable("log_fn", log_fn, "log_fn(metrics: dict)")
+    if callable(callbacks) or isinstance(callbacks, (str, bytes)):
+        raise TypeError(f"callbacks must be a sequence of eval hooks, got {type(callbacks).__name__}; wrap it: [hook]")
+    for i, hook in enumerate(callbacks):
+        check_callable(f"callbacks[{i}]", hook, "hook(step, model, ema_model)")
 
 
 def _default_loss() -> LossFn:
