@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_int, check_nonnegative
+from ._checks import check_choice, check_int, check_nonnegative, check_tensor
 from ._io import UnsafeFileError, load_npy, load_restricted_pickle, load_tensor_file
 from .oracle import GaussianMixture
 
@@ -180,8 +180,10 @@ def dequantize(x: Tensor, levels: int, *, generator: torch.Generator | None = No
 
     Raises:
         ValueError: levels is not an integer >= 2.
+        TypeError: x is not a floating-point tensor.
     """
     check_int("levels", levels, 2)
+    check_tensor("x", x, 1)
     return dequantize_bins(x, 2.0 / (levels - 1), generator=generator)
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .._checks import check_all_finite, check_callable, check_half_open, check_int, check_open_interval, check_tensor
 from ..checkpoint import (
     CHECKPOINT_FORMAT,
+    CheckpointError,
     CheckpointManager,
     CheckpointMismatchError,
     capture_rng_state,
@@ -125,6 +126,9 @@ def _check_hyperparameter(name: str, value: Any, minimum: str) -> None:
 # Settings that change the trajectory: resuming with different values would not continue the same run.
 _TRAJECTORY_KEYS = ("batch_size", "lr", "weight_decay", "betas", "adam_eps", "warmup_steps", "grad_clip",
                     "ema_decay", "ema_warmup", "seed", "bf16")
+
+
+_RESUME_KEYS = ("step", "model", "ema", "optimizer", "config", "rng")  # what load() reads
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -434,6 +438,7 @@ class Trainer:
         """Restore a checkpoint written by :meth:`save`.
 
         Raises:
+            CheckpointError: the file is unreadable or lacks a piece resume needs (names the path).
             CheckpointMismatchError: model config, trajectory hyperparameters or weight shapes differ
                 (the message names every differing key).
         """
@@ -441,6 +446,9 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointMismatchError(f"{path}: checkpoint format {state.get('format')!r}, "
                                           f"expected {CHECKPOINT_FORMAT}")
+        missing = [k for k in _RESUME_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint lacks {missing}, needed to resume training")
         diffs = diff_dicts(state.get("model_config", {}), self.model_config)
         if diffs:
             raise CheckpointMismatchError(f"{path} was written for a different model config: " + "; ".join(diffs))
