@@ -598,7 +598,14 @@ CHECKPOINT_FILE_CASES = [  # unreadable or incomplete checkpoint files: the path
         ValueError,
         r"t\.pt",
     ),
-    ("missing-key", lambda tmp: trainer(config=TrainConfig(total_steps=1, batch_size=8, progress=False)).load(_drop(_saved(tmp), "model")), ValueError, r"latest\.pt.*model"),
+    (
+        "missing-key",
+        lambda tmp: trainer(config=TrainConfig(total_steps=1, batch_size=8, progress=False)).load(
+            _drop(_saved(tmp), "model")
+        ),
+        ValueError,
+        r"latest\.pt.*model",
+    ),
 ]
 
 
