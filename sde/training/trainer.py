@@ -168,6 +168,9 @@ class Trainer:
             raise ValueError(f"batch_size={cfg.batch_size} exceeds this rank's {len(self._sampler)} examples "
                              f"({self.data.shape[0]} in all over {self.dist.world_size} ranks)")
         self._epoch_cache: tuple[int, Tensor] | None = None
+        self._pending: list[tuple[int, Tensor]] = []  # (1-based step, its (loss, grad_norm) on the device)
+        self._window: list[tuple[float, float]] = []  # read values of the current log window
+        self._read_every_step = self.device.type != "cuda"  # no asynchrony to lose: check before each step
         on_cuda = self.device.type == "cuda"
         train_model: nn.Module = self.model
         if self.dist.distributed:
@@ -185,7 +188,8 @@ class Trainer:
         epoch, pos = divmod(step, self.batches_per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             self._sampler.set_epoch(epoch)
-            self._epoch_cache = (epoch, torch.tensor(list(iter(self._sampler)), dtype=torch.long))
+            order = torch.tensor(list(iter(self._sampler)), dtype=torch.long)
+            self._epoch_cache = (epoch, order.pin_memory() if self.device.type == "cuda" else order)  # async copies
         b = self.config.batch_size
         return self._epoch_cache[1][pos * b:(pos + 1) * b]
 
@@ -215,19 +219,22 @@ class Trainer:
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                    dynamic_ncols=True, desc="train")
         metrics: dict[str, float] = {}
-        window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+        t0 = time.perf_counter()
         while self.step < cfg.total_steps:
-            loss_value, grad_norm, lr = self._train_step()
-            window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            lr = self._train_step()
             bar.update(1)
             done = self.step == cfg.total_steps or (stop is not None and stop(self.step))
-            if (cfg.log_every and self.step % cfg.log_every == 0) or done:
-                elapsed = time.perf_counter() - t0
-                metrics = {"step": self.step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
-                           "steps_per_sec": window_steps / max(elapsed, 1e-12)}
+            log_due = (cfg.log_every and self.step % cfg.log_every == 0) or done
+            if log_due or (cfg.eval_every and self.step % cfg.eval_every == 0) or (
+                    cfg.out_dir is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                self._host_values()  # the one host sync: before logging, evaluating or writing a checkpoint
+            if log_due:
+                elapsed, window = time.perf_counter() - t0, self._window
+                metrics = {"step": self.step, "loss": sum(v[0] for v in window) / len(window), "lr": lr,
+                           "grad_norm": window[-1][1], "steps_per_sec": len(window) / max(elapsed, 1e-12)}
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
                 self._log(metrics)
-                window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+                self._window, t0 = [], time.perf_counter()
             is_best = False
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
                 is_best = self._evaluate()
@@ -238,9 +245,9 @@ class Trainer:
         bar.close()
         return {**metrics, **self.eval_metrics}
 
-    def _train_step(self) -> tuple[float, float, float]:
+    def _train_step(self) -> float:
         cfg = self.config
-        idx = self.batch_indices(self.step).to(self.device)
+        idx = self.batch_indices(self.step).to(self.device, non_blocking=True)
         x0 = self.data[idx]
         kwargs: dict[str, Any] = {"generator": self.noise_generator}
         if self.labels is not None:
@@ -254,26 +261,40 @@ class Trainer:
         loss.backward()  # a non-finite loss only spoils gradients that are never applied (checked below)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, change nothing
-        loss_value, grad_norm = self._host_values(loss.detach(), nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"loss is {loss_value} at step {self.step + 1}; stopped before applying it "
-                                     f"(last good checkpoint kept: {self._latest_name()})")
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}; stopped before applying "
-                                     f"it (last good checkpoint kept: {self._latest_name()})")
+        self._queue_values(loss.detach(), nn.utils.clip_grad_norm_(params, max_norm))
+        if self._read_every_step:
+            self._host_values()
         self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.step += 1
-        return loss_value, grad_norm, lr
+        return lr
 
-    def _host_values(self, loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
-        """(loss averaged over all ranks, gradient norm) as Python floats: one host sync per step."""
+    def _queue_values(self, loss: Tensor, grad_norm: Tensor) -> None:
+        """Keep (loss averaged over ranks, gradient norm) of this step on the device, in float64."""
         loss = loss.to(torch.float64, copy=True)  # logged/averaged in float64 whatever the training dtype
         if self.dist.distributed:  # equal per-rank batches: mean of rank means = mean over the global batch
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss /= self.dist.world_size
-        loss_value, grad_norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()
-        return loss_value, grad_norm_value
+        self._pending.append((self.step + 1, torch.stack([loss, grad_norm.to(loss)])))
+
+    def _host_values(self) -> None:
+        """Read the queued per-step values in one host sync, check them, append them to the log window.
+
+        On CUDA this runs every ``log_every`` steps and before every eval and checkpoint (not per step),
+        so a non-finite step is named exactly but may already have been applied in memory; the checkpoint
+        on disk is never written after it. On the CPU it runs every step, before the step is applied.
+        """
+        if not self._pending:
+            return
+        steps, values = [s for s, _ in self._pending], torch.stack([v for _, v in self._pending]).tolist()
+        self._pending = []
+        when = "stopped before applying it" if steps[-1] > self.step else f"detected after step {self.step}"
+        for step, (loss_value, grad_norm) in zip(steps, values):
+            for name, value in (("loss", loss_value), ("gradient norm", grad_norm)):
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"{name} is {value} at step {step}; {when} "
+                                             f"(last good checkpoint kept: {self._latest_name()})")
+            self._window.append((loss_value, grad_norm))
 
     def _evaluate(self) -> bool:
         if not self.dist.is_main or not self.callbacks:
