@@ -14,7 +14,7 @@ import time
 import hydra
 import torch
 from _common import load_data
-from _common.app import run_task
+from _common.distributed import likelihood_sharded, run_task
 from _common.models import num_dims, score_source
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +30,7 @@ def _dequantize(x: torch.Tensor, levels: int, generator: torch.Generator) -> tor
 def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common import plots
 
-    from sde.likelihood import bits_per_dim, log_likelihood
+    from sde.likelihood import bits_per_dim
 
     overrides = list(HydraConfig.get().overrides.task)
     score_fn, sde, cfg, extras = score_source(cfg, overrides, device, dtype)
@@ -40,10 +40,12 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
         x = x[: cfg.num_points]
     levels = getattr(data, "levels", None)
     opts = OmegaConf.to_container(cfg.likelihood, resolve=True)
-    y = _dequantize(x, int(levels), generator) if levels else x
     t0 = time.perf_counter()
-    res = log_likelihood(score_fn, sde, y, generator=generator, batch_size=cfg.batch_size, **opts)
+    res, y = likelihood_sharded(score_fn, sde, x, generator=generator, seed=cfg.seed, batch_size=cfg.batch_size,
+                                preprocess=(lambda xb, g: _dequantize(xb, int(levels), g)) if levels else None, **opts)
     seconds = time.perf_counter() - t0
+    if res is None:  # a torchrun rank other than 0: rank 0 holds the gathered log-densities and writes
+        return {}
     D = num_dims(data.shape)
     metrics = {"task": "likelihood", "score": cfg.score.kind, "sde": type(sde).__name__, "points": x.shape[0],
                "dims": D, "divergence": opts["divergence"], "nfe": int(res.nfe), "seconds": seconds,

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import hydra
 import torch
-from _common.app import run_task
+from _common.distributed import draw_sharded, run_task
 from _common.models import score_source
-from _common.sampling import draw
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -50,8 +49,11 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     overrides = list(HydraConfig.get().overrides.task)
     score_fn, sde, cfg, extras = score_source(cfg, overrides, device, dtype)
     shape = (cfg.num_samples, *[int(s) for s in cfg.data.shape])
-    x, nfe, strip = draw(score_fn, sde, cfg.sampler, shape, generator=generator, device=device, dtype=dtype,
-                         batch_size=cfg.batch_size, strip_frames=cfg.strip_frames if cfg.data.image else 0)
+    x, nfe, strip = draw_sharded(score_fn, sde, cfg.sampler, shape, generator=generator, device=device, dtype=dtype,
+                                 batch_size=cfg.batch_size, strip_frames=cfg.strip_frames if cfg.data.image else 0,
+                                 seed=cfg.seed)
+    if x is None:  # a torchrun rank other than 0: rank 0 holds the gathered samples and writes
+        return {}
     choices = HydraConfig.get().runtime.choices
     metrics = {"task": "sample", "score": cfg.score.kind, "sde": type(sde).__name__,
                "sampler": choices.get("sampler"), "nfe": nfe, "num_samples": cfg.num_samples}

@@ -22,7 +22,7 @@ import time
 import hydra
 import torch
 from _common import load_data, to_plain
-from _common.app import run_task
+from _common.distributed import per_rank_batch, run_task
 from _common.models import build_model, build_sde, num_dims, save_checkpoint
 from _common.sampling import draw
 from hydra.core.hydra_config import HydraConfig
@@ -94,7 +94,7 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     y_train, y_test = _labels(cfg, train_set, num_classes, device), _labels(cfg, test_set, num_classes, device)
     tc, opt = cfg.train, cfg.optimizer
     config = TrainConfig(
-        total_steps=tc.steps, batch_size=min(tc.batch_size, x_train.shape[0]), lr=opt.lr, betas=tuple(opt.betas),
+        total_steps=tc.steps, batch_size=per_rank_batch(min(tc.batch_size, x_train.shape[0])), lr=opt.lr, betas=tuple(opt.betas),
         weight_decay=opt.weight_decay, adam_eps=opt.eps, warmup_steps=tc.warmup, grad_clip=tc.grad_clip,
         ema_decay=tc.ema_decay, seed=cfg.seed, log_every=cfg.logger.log_every, eval_every=tc.val_every,
         ckpt_every=tc.checkpoint_every, keep_every=tc.checkpoint_every, best_metric="val_loss",
@@ -117,6 +117,9 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
                      "train_loss": final.get("loss", math.nan), "train_seconds": time.perf_counter() - t0}
     if "val_loss" in final:
         metrics["val_loss"] = final["val_loss"]
+    if not trainer.dist.is_main:  # a torchrun rank other than 0: rank 0 writes and evaluates
+        return {}
+    metrics["world_size"] = trainer.dist.world_size
     ema_model = trainer.ema.model
     ckpt = save_checkpoint(out / "checkpoint.pt", cfg, model, ema_model, trainer.step, metrics)
     if cfg.logger.get("log_checkpoints", False):

@@ -1,9 +1,15 @@
-"""DDP: 2 gloo processes on CPU reproduce a single process with the same global batch; DDP resume is exact."""
+"""DDP: 2 gloo processes on CPU reproduce a single process with the same global batch; DDP resume is exact;
+the apps under torchrun (2 gloo processes) work in one run folder and sample.py / likelihood.py do not depend
+on the world size."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +113,65 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         assert torch.equal(r["noise"], r["noise_straight"])
     assert not torch.equal(ranks[0]["noise"], ranks[1]["noise"])  # ranks draw independent loss noise
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["latest.pt"]
+
+
+# ------------------------------------------------------------------------------------------ the apps under torchrun
+ROOT = Path(__file__).resolve().parents[1]
+APP_FAST = ["threads=1", "logger=none"]
+
+
+def _torchrun(script: str, nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node N experiments/<script>`` with gloo on the CPU."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", WANDB_MODE="offline",
+               SCORE_SDE_CACHE=str(cwd / "cache"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), str(ROOT / "experiments" / script), *APP_FAST, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _only_run_folder(cwd: Path, task: str) -> Path:
+    runs = [p for p in (cwd / "outputs" / task).glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs  # every rank worked in rank 0's folder; no stray ${now:} folder is left
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_torchrun_sample_and_likelihood_do_not_depend_on_the_world_size(tmp_path):
+    oracle = ["data=gmm", "score=oracle", "sde=subvp"]
+    results = {}
+    for nproc in (1, 2):
+        cwd = tmp_path / f"n{nproc}"
+        cwd.mkdir()
+        _torchrun("sample.py", nproc, [*oracle, "sampler=em", "sampler.options.steps=30", "num_samples=150",
+                                      "batch_size=32", "reference_samples=100"], cwd)
+        _torchrun("likelihood.py", nproc, [*oracle, "num_points=40", "batch_size=16", "likelihood.divergence=exact",
+                                          "likelihood.rtol=1e-5", "likelihood.atol=1e-5"], cwd)
+        s, ll = _only_run_folder(cwd, "sample"), _only_run_folder(cwd, "likelihood")
+        results[nproc] = {"x": torch.load(s / "samples.pt"), "logp": torch.load(ll / "logp.pt"),
+                          "sample": json.loads((s / "metrics.json").read_text()),
+                          "likelihood": json.loads((ll / "metrics.json").read_text())}
+    one, two = results[1], results[2]
+    assert one["x"].shape == (150, 2) and torch.equal(one["x"], two["x"])  # bit-equal union of the shards
+    assert one["logp"].shape == (40,) and torch.equal(one["logp"], two["logp"])
+    assert one["sample"]["nfe"] == two["sample"]["nfe"] == 31 * 5  # 5 chunks of (30 steps + final denoise)
+    assert one["likelihood"]["nfe"] == two["likelihood"]["nfe"]
+    assert two["likelihood"]["mean_abs_logp_error"] < 1e-2  # and it is the right density (exact oracle)
+    assert two["sample"]["mmd"] < 0.05
+
+
+@pytest.mark.slow
+def test_torchrun_train_uses_ddp_in_one_run_folder(tmp_path):
+    tiny = ["model=mlp", "model.net.hidden=16", "model.net.depth=1", "train.steps=6", "train.batch_size=32",
+            "train.val_every=0", "train.checkpoint_every=3", "train.warmup=2", "eval.num_samples=4",
+            "eval.bpd_samples=0", "eval.strip_frames=0", "sampler.options.steps=5"]
+    _torchrun("train.py", 2, tiny, tmp_path)
+    run = _only_run_folder(tmp_path, "train")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["config"]["batch_size"] == 16  # train.batch_size is the global batch: 32 over 2 ranks
+    assert state["rng"]["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2  # written by the DDP Trainer
+    assert (run / "checkpoint.pt").is_file() and (run / "samples.png").is_file()
