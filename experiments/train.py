@@ -94,7 +94,8 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     y_train, y_test = _labels(cfg, train_set, num_classes, device), _labels(cfg, test_set, num_classes, device)
     tc, opt = cfg.train, cfg.optimizer
     config = TrainConfig(
-        total_steps=tc.steps, batch_size=per_rank_batch(min(tc.batch_size, x_train.shape[0])), lr=opt.lr, betas=tuple(opt.betas),
+        total_steps=tc.steps, batch_size=per_rank_batch(min(tc.batch_size, x_train.shape[0])),  # global -> per rank
+        lr=opt.lr, betas=tuple(opt.betas),
         weight_decay=opt.weight_decay, adam_eps=opt.eps, warmup_steps=tc.warmup, grad_clip=tc.grad_clip,
         ema_decay=tc.ema_decay, seed=cfg.seed, log_every=cfg.logger.log_every, eval_every=tc.val_every,
         ckpt_every=tc.checkpoint_every, keep_every=tc.checkpoint_every, best_metric="val_loss",
