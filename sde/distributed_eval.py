@@ -53,7 +53,16 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 
 def chunk_generator(seed: int, chunk: int, device: torch.device | str | None = None) -> torch.Generator:
-    """A fresh generator on ``device`` (default CPU) seeded with :func:`chunk_seed` ``(seed, chunk)``."""
+    """A fresh generator seeded with :func:`chunk_seed` ``(seed, chunk)``.
+
+    Args:
+        seed: the run's seed (>= 0).
+        chunk: the chunk index (>= 0).
+        device: the generator's device (default CPU); draws must happen on it.
+
+    Returns:
+        The seeded ``torch.Generator``.
+    """
     return torch.Generator(device=device or "cpu").manual_seed(chunk_seed(seed, chunk))
 
 

@@ -151,7 +151,14 @@ class RunningStats:
         return None if self._mean is None else self._mean.device
 
     def to(self, device: torch.device | str | None) -> RunningStats:
-        """A copy with the statistics on ``device`` (None or an empty stream: an unchanged copy)."""
+        """A copy with the statistics on another device.
+
+        Args:
+            device: the target device; None keeps the current one (an empty stream is copied as is).
+
+        Returns:
+            A new RunningStats; this one is unchanged.
+        """
         out = RunningStats()
         out.n = self.n
         if self._mean is not None:

@@ -175,3 +175,26 @@ def test_torchrun_train_uses_ddp_in_one_run_folder(tmp_path):
     assert state["config"]["batch_size"] == 16  # train.batch_size is the global batch: 32 over 2 ranks
     assert state["rng"]["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2  # written by the DDP Trainer
     assert (run / "checkpoint.pt").is_file() and (run / "samples.png").is_file()
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_each_point_as_a_two_rank_job(tmp_path):
+    """The SLURM launcher's plumbing on one machine: a 2-point sweep, each point 2 submitit tasks = 2 ranks."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, str(ROOT / "experiments" / "sample.py"), "-m", "launcher=submitit_local", *APP_FAST,
+           "data=gmm", "score=oracle", "num_samples=64", "batch_size=32", "reference_samples=50",
+           "sampler=em,ddim", "sampler.options.steps=10", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    sweep = tmp_path / "sweep"
+    rows = [json.loads((sweep / "rows" / f"{i}.json").read_text()) for i in range(2)]
+    assert [r["sampler"] for r in rows] == ["em", "ddim"] and all(r["nfe"] == 2 * 11 for r in rows)  # 2 chunks
+    for i in range(2):
+        assert torch.load(sweep / str(i) / "samples.pt").shape == (64, 2)  # rank 0 gathered both chunks
+    jobs = [p for p in (sweep / ".submitit").iterdir() if p.is_dir() and any(p.iterdir())]
+    assert len(jobs) == 2
+    for job in jobs:  # two tasks per job; only rank 0 prints the summary table
+        out = {t: next(job.glob(f"*_{t}_log.out")).read_text() for t in (0, 1)}
+        assert "sample: gmm ->" in out[0] and "sample: gmm ->" not in out[1]

@@ -37,6 +37,19 @@ from .tracking import NullTracker
 
 __all__ = ["launched", "run_task", "per_rank_batch", "draw_sharded", "likelihood_sharded"]
 
+_APPS = str(Path(__file__).resolve().parents[1])  # experiments/: where `_common` is importable from
+
+
+def _export_app_folder() -> None:
+    """Put experiments/ on PYTHONPATH for child processes: a submitit worker (local or SLURM, which exports
+    the submitting environment) unpickles the Hydra job, which refers to `_common`, before any app code runs."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if _APPS not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([_APPS, *paths])
+
+
+_export_app_folder()
+
 
 def launched() -> bool:
     """True when this process is one task of a torchrun (any size) or multi-task submitit job."""
