@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _distributed import free_port, run_ranks
 from torch import nn
 
 from sde.sdes import VPSDE
-from sde.training import TrainConfig, Trainer, cleanup_distributed, init_distributed
+from sde.training import TrainConfig, Trainer
 
 F64 = torch.float64
 GLOBAL_BATCH = 16
@@ -61,38 +60,25 @@ def _weights(trainer):
     return [p.detach().clone() for p in trainer.model.parameters()] + ema
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    info = init_distributed()  # the same env-var path torchrun uses
-    assert info.backend == "gloo" and info.world_size == world
-    try:
-        losses = []
-        trainer = build(GLOBAL_BATCH // world, regression_loss, log_fn=lambda m: losses.append(m["loss"]))
-        trainer.fit()
-        # Exact resume under DDP: 6 steps, then a fresh trainer continues to 12 from the checkpoint.
-        build(GLOBAL_BATCH // world, noisy_loss, 6, out_dir=f"{tmp}/resumed", ckpt_every=3).fit()
-        resumed = build(GLOBAL_BATCH // world, noisy_loss, out_dir=f"{tmp}/resumed", ckpt_every=3)
-        resumed.fit()
-        straight = build(GLOBAL_BATCH // world, noisy_loss, out_dir=f"{tmp}/straight", ckpt_every=3)
-        straight.fit()
-        torch.save({"losses": losses, "weights": _weights(trainer), "resumed": _weights(resumed),
-                    "straight": _weights(straight), "noise": resumed.noise_generator.get_state(),
-                    "noise_straight": straight.noise_generator.get_state()}, f"{tmp}/rank{rank}.pt")
-    finally:
-        cleanup_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, tmp: str) -> None:
+    """One rank: a DDP fit, and a DDP run resumed from its checkpoint against a straight one."""
+    losses = []
+    trainer = build(GLOBAL_BATCH // world, regression_loss, log_fn=lambda m: losses.append(m["loss"]))
+    trainer.fit()
+    # Exact resume under DDP: 6 steps, then a fresh trainer continues to 12 from the checkpoint.
+    build(GLOBAL_BATCH // world, noisy_loss, 6, out_dir=f"{tmp}/resumed", ckpt_every=3).fit()
+    resumed = build(GLOBAL_BATCH // world, noisy_loss, out_dir=f"{tmp}/resumed", ckpt_every=3)
+    resumed.fit()
+    straight = build(GLOBAL_BATCH // world, noisy_loss, out_dir=f"{tmp}/straight", ckpt_every=3)
+    straight.fit()
+    torch.save({"losses": losses, "weights": _weights(trainer), "resumed": _weights(resumed),
+                "straight": _weights(straight), "noise": resumed.noise_generator.get_state(),
+                "noise_straight": straight.noise_generator.get_state()}, f"{tmp}/rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_two_process_gloo_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_ranks(_worker, 2, str(tmp_path))
     n = torch.get_num_threads()
     try:
         single_losses = []
@@ -125,7 +111,7 @@ def _torchrun(script: str, nproc: int, args: list[str], cwd: Path) -> subprocess
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", WANDB_MODE="offline",
                SCORE_SDE_CACHE=str(cwd / "cache"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), str(ROOT / "experiments" / script), *APP_FAST, *args]
+           str(free_port()), str(ROOT / "experiments" / script), *APP_FAST, *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _distributed import run_ranks
 
 from sde.distributed_eval import (
     chunk_generator,
@@ -22,7 +19,6 @@ from sde.metrics import RunningStats
 from sde.oracle import GaussianMixture
 from sde.samplers import sample
 from sde.sdes import VPSDE
-from sde.training import cleanup_distributed, init_distributed
 
 F64 = torch.float64
 N, CHUNK, SEED = 70, 16, 3  # 5 chunks, the last one short: rank 0 gets 3 chunks, rank 1 gets 2
@@ -65,20 +61,8 @@ def _evaluate() -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    init_distributed()
-    try:
-        torch.save(_evaluate(), f"{tmp}/rank{rank}.pt")
-    finally:
-        cleanup_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, tmp: str) -> None:
+    torch.save(_evaluate(), f"{tmp}/rank{rank}.pt")
 
 
 # ------------------------------------------------------------------------------------------ chunking
@@ -134,8 +118,7 @@ def test_running_stats_merge_equals_one_stream():
 # ------------------------------------------------------------------------------------------ 2 processes
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_ranks(_worker, 2, str(tmp_path))
     threads = torch.get_num_threads()
     try:
         single = _evaluate()

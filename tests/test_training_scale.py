@@ -13,14 +13,6 @@ from sde.training import EMA, NonFiniteLossError, TrainConfig, Trainer, load_che
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _reference_ema_step(shadow: nn.Module, model: nn.Module, d: float) -> None:
     """The per-tensor EMA the multi-tensor one replaced: lerp each parameter, copy each buffer."""
     with torch.no_grad():
