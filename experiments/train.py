@@ -89,6 +89,8 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     x_test = test_set.data.to(device=device, dtype=dtype)
     sde = build_sde(cfg)
     model = build_model(cfg, sde).to(device=device, dtype=dtype)
+    if cfg.get("channels_last", False):  # NHWC weights: faster convolutions on CUDA tensor cores (docs/scale.md)
+        model = model.to(memory_format=torch.channels_last)
     num_classes = int(cfg.model.net.get("num_classes", 0) or 0)
     _label_dropout(cfg)  # checked before any training
     y_train, y_test = _labels(cfg, train_set, num_classes, device), _labels(cfg, test_set, num_classes, device)

@@ -129,10 +129,10 @@ def shard_map(fn: ChunkFn, num: int, *, seed: int, chunk_size: int = DEFAULT_CHU
     local = [torch.cat(cols) for cols in zip(*parts)] if parts else []
     if not (info.distributed and gather):
         return local, nfe
-    return _gather_chunks(local, num, chunk_size, info), _sum_int(nfe, local, info)
+    return _gather_chunks(local, num, chunk_size, info), _sum_int(nfe, info)
 
 
-def _sum_int(value: int, like: list[Tensor], info: DistInfo) -> int:
+def _sum_int(value: int, info: DistInfo) -> int:
     """Sum an int over all ranks (on the collective's device)."""
     t = torch.tensor([value], dtype=torch.int64, device=_comm_device(info))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
