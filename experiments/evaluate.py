@@ -13,9 +13,8 @@ from __future__ import annotations
 import hydra
 import torch
 from _common import load_data
-from _common.app import run_task
+from _common.distributed import draw_sharded, run_task
 from _common.models import score_source
-from _common.sampling import draw
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -54,8 +53,10 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
     test = load_data(source.data, split=cfg.split).data.to(device=device, dtype=dtype)
     n = min(cfg.num_samples, test.shape[0] // 2)  # the floor needs a second, disjoint set of n test points
-    x, nfe, _ = draw(source.score_fn, source.sde, cfg.sampler, (n, *test.shape[1:]), generator=generator,
-                     device=device, dtype=dtype, batch_size=cfg.batch_size)
+    x, nfe, _ = draw_sharded(source.score_fn, source.sde, cfg.sampler, (n, *test.shape[1:]), generator=generator,
+                             device=device, dtype=dtype, batch_size=cfg.batch_size, seed=cfg.seed)
+    if x is None:  # a torchrun rank other than 0: rank 0 scores the gathered samples
+        return {}
     digits = source.data.name == "digits"
     sampler = HydraConfig.get().runtime.choices.get("sampler")
     metrics = {"task": "evaluate", "sde": type(source.sde).__name__, "sampler": sampler, "nfe": nfe,

@@ -17,7 +17,7 @@ import time
 import hydra
 import torch
 from _common import bpd_generator, load_data
-from _common.app import run_task
+from _common.distributed import launched, likelihood_sharded, run_task
 from _common.models import num_dims, score_source
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -25,19 +25,51 @@ from omegaconf import DictConfig, OmegaConf
 from sde._io import atomic_torch_save
 
 
-def _quantized(cfg: DictConfig, data, x: torch.Tensor, score_fn, sde, opts: dict, generator) -> tuple[dict, object]:
-    """Bits/dim through the dataset's own convention (ArrayDataset.bits_per_dim): the test_bpd of train.py."""
-    res = data.bits_per_dim(score_fn, sde, x, generator=generator, batch_size=cfg.batch_size, dtype=x.dtype, **opts)
-    metrics = {"nfe": res.nfe, "nll_nats": -res.logp.mean().item(),
-               "nll_nats_se": (res.logp[0].std() / x.shape[0] ** 0.5).item(),
-               "bpd": res.mean, "bpd_se": res.stderr, "levels": int(data.levels)}
-    return metrics, res
+def _quantized(cfg: DictConfig, data, x: torch.Tensor, score_fn, sde, opts: dict, device) -> tuple[dict, object]:
+    """Bits/dim through the dataset's own convention (ArrayDataset.bits_per_dim): the test_bpd of train.py.
+
+    Under torchrun every rank scores its seeded chunks of the points with that same function
+    (experiments/_common/distributed.py); returns (None, None) on ranks other than 0.
+    """
+    if not launched():
+        res = data.bits_per_dim(score_fn, sde, x, generator=bpd_generator(cfg.seed, device),
+                                batch_size=cfg.batch_size, dtype=x.dtype, **opts)
+        values, logp, nfe, mean, stderr = res.values, res.logp[0], res.nfe, res.mean, res.stderr
+    else:
+        from sde.distributed_eval import shard_map
+
+        def chunk(idx: range, g: torch.Generator):
+            res = data.bits_per_dim(score_fn, sde, x[idx.start: idx.stop], generator=g, dtype=x.dtype, **opts)
+            return (res.values, res.logp[0]), res.nfe
+
+        outs, nfe = shard_map(chunk, x.shape[0], seed=cfg.seed, chunk_size=cfg.batch_size or 256, device=device)
+        if outs is None:
+            return None, None
+        values, logp = outs
+        mean, stderr = values.mean().item(), (values.std() / values.numel() ** 0.5).item()
+    metrics = {"nfe": int(nfe), "nll_nats": -logp.mean().item(), "nll_nats_se": (logp.std() / x.shape[0] ** 0.5).item(),
+               "bpd": mean, "bpd_se": stderr, "levels": int(data.levels)}
+    return metrics, (values, logp)
+
+
+def _continuous(cfg: DictConfig, x: torch.Tensor, source, opts: dict, generator) -> tuple[dict, object]:
+    """Nats of continuous data (sharded under torchrun), against the exact density with score=oracle."""
+    lik, _ = likelihood_sharded(source.score_fn, source.sde, x, generator=generator, seed=cfg.seed,
+                                batch_size=cfg.batch_size, **opts)
+    if lik is None:
+        return None, None
+    logp, exact = lik.logp, None
+    values = {"nfe": int(lik.nfe), "nll_nats": -logp.mean().item(),
+              "nll_nats_se": (logp.std() / x.shape[0] ** 0.5).item()}
+    if source.oracle is not None:  # the ODE starts at eps, so the model density is that of p_eps, known exactly
+        exact = source.oracle.log_prob(x.double(), source.sde, opts.get("eps", 1e-5))
+        values.update({"exact_nll_nats": -exact.mean().item(),
+                       "mean_abs_logp_error": (logp.double() - exact).abs().mean().item()})
+    return values, (logp, exact)
 
 
 def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common import plots
-
-    from sde.likelihood import log_likelihood
 
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
     data = load_data(source.data, split=cfg.split)
@@ -50,18 +82,16 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     t0 = time.perf_counter()
     exact = None
     if getattr(data, "levels", None):
-        values, res = _quantized(cfg, data, x, source.score_fn, source.sde, opts, bpd_generator(cfg.seed, device))
-        logp = res.logp[0]
-        tracker.image("bpd_histogram", plots.save_histogram(res.values, out / "bpd_hist.png", "bits/dim"))
-    else:  # continuous data: nats
-        lik = log_likelihood(source.score_fn, source.sde, x, generator=generator, batch_size=cfg.batch_size, **opts)
-        logp = lik.logp
-        values = {"nfe": int(lik.nfe), "nll_nats": -logp.mean().item(),
-                  "nll_nats_se": (logp.std() / x.shape[0] ** 0.5).item()}
-        if source.oracle is not None:  # the ODE starts at eps, so the model density is that of p_eps, known exactly
-            exact = source.oracle.log_prob(x.double(), source.sde, opts.get("eps", 1e-5))
-            values.update({"exact_nll_nats": -exact.mean().item(),
-                           "mean_abs_logp_error": (logp.double() - exact).abs().mean().item()})
+        values, res = _quantized(cfg, data, x, source.score_fn, source.sde, opts, device)
+        if values is None:  # a torchrun rank other than 0: rank 0 holds the gathered values and writes
+            return {}
+        bpd, logp = res
+        tracker.image("bpd_histogram", plots.save_histogram(bpd, out / "bpd_hist.png", "bits/dim"))
+    else:
+        values, res = _continuous(cfg, x, source, opts, generator)
+        if values is None:
+            return {}
+        logp, exact = res
     metrics.update({"seconds": time.perf_counter() - t0, **values})
     atomic_torch_save(logp.cpu(), out / "logp.pt")
     tracker.image("logp_histogram", plots.save_histogram(logp, out / "logp_hist.png", "log p (nats)",

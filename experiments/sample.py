@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import hydra
 import torch
-from _common.app import run_task
+from _common.distributed import draw_sharded, run_task
 from _common.models import score_source
-from _common.sampling import draw
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -51,9 +50,11 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
 
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
     sde, image = source.sde, source.data.image
-    x, nfe, strip = draw(source.score_fn, sde, cfg.sampler, (cfg.num_samples, *source.shape), generator=generator,
-                         device=device, dtype=dtype, batch_size=cfg.batch_size,
-                         strip_frames=cfg.strip_frames if image else 0)
+    x, nfe, strip = draw_sharded(source.score_fn, sde, cfg.sampler, (cfg.num_samples, *source.shape),
+                                 generator=generator, device=device, dtype=dtype, batch_size=cfg.batch_size,
+                                 strip_frames=cfg.strip_frames if image else 0, seed=cfg.seed)
+    if x is None:  # a torchrun rank other than 0: rank 0 holds the gathered samples and writes
+        return {}
     choices = HydraConfig.get().runtime.choices
     metrics = {"task": "sample", "score": source.kind, "sde": type(sde).__name__,
                "sampler": choices.get("sampler"), "nfe": nfe, "num_samples": cfg.num_samples}

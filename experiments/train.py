@@ -25,7 +25,7 @@ import time
 import hydra
 import torch
 from _common import bpd_generator, load_data, to_plain
-from _common.app import run_task
+from _common.distributed import per_rank_batch, run_task
 from _common.models import CHECKPOINT_KEYS, build_model, build_sde, num_dims
 from _common.sampling import draw
 from hydra.core.hydra_config import HydraConfig
@@ -86,12 +86,13 @@ def _labels(cfg: DictConfig, data_set, num_classes: int, device) -> torch.Tensor
 
 def train_config(cfg: DictConfig, out, n_train: int, resume: bool):
     """``TrainConfig(**cfg.train)``: the node mirrors it field for field; the app fills the run folder
-    (out_dir null -> <run>/checkpoints), the resume decision and caps the batch at the training-set size."""
+    (out_dir null -> <run>/checkpoints), the resume decision, caps the batch at the training-set size and
+    splits it over the ranks under torchrun (``train.batch_size`` is the global batch)."""
     from sde.training import TrainConfig
 
     fields = to_plain(cfg.train)
     fields.update(out_dir=fields["out_dir"] or str(out / "checkpoints"), resume=resume,
-                  batch_size=min(int(fields["batch_size"]), n_train))
+                  batch_size=per_rank_batch(min(int(fields["batch_size"]), n_train)))
     return TrainConfig(**fields)
 
 
@@ -107,6 +108,8 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     x_test = test_set.data.to(device=device, dtype=dtype)
     sde = build_sde(cfg)
     model = build_model(cfg, sde).to(device=device, dtype=dtype)
+    if cfg.get("channels_last", False):  # NHWC weights: faster convolutions on CUDA tensor cores (docs/scale.md)
+        model = model.to(memory_format=torch.channels_last)
     num_classes = int(cfg.model.net.get("num_classes", 0) or 0)
     _label_dropout(cfg)  # checked before any training
     y_train, y_test = _labels(cfg, train_set, num_classes, device), _labels(cfg, test_set, num_classes, device)
@@ -126,7 +129,10 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
                      "train_loss": final.get("loss", math.nan), "train_seconds": time.perf_counter() - t0}
     if "val_loss" in final:
         metrics["val_loss"] = final["val_loss"]
-    ckpt = trainer.save_as(out / "checkpoint.pt", metrics=metrics)  # the Trainer's format, like checkpoints/*.pt
+    ckpt = trainer.save_as(out / "checkpoint.pt", metrics=metrics)  # the Trainer's format (collective under DDP)
+    if not trainer.dist.is_main:  # a torchrun rank other than 0: rank 0 writes and evaluates
+        return {}
+    metrics["world_size"] = trainer.dist.world_size
     if cfg.logger.get("log_checkpoints", False):
         tracker.artifact(ckpt, name=f"{cfg.name}-checkpoint", type="model")
     return _evaluate(cfg, trainer.ema.model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics)

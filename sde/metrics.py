@@ -104,19 +104,59 @@ class RunningStats:
         if self._mean is not None and x.shape[1] != self._mean.shape[0]:
             raise ValueError(f"feature sizes differ: batch has {x.shape[1]} features, earlier ones had "
                              f"{self._mean.shape[0]}")
-        nb = x.shape[0]
-        mean_b = x.mean(0)
-        centred = x - mean_b
-        scatter_b = centred.T @ centred
-        if self._mean is None:
-            self.n, self._mean, self._scatter = nb, mean_b, scatter_b
+        batch = RunningStats()
+        batch.n, batch._mean = x.shape[0], x.mean(0)
+        centred = x - batch._mean
+        batch._scatter = centred.T @ centred
+        return self.merge(batch)
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        """Fold another stream's statistics into this one (the exact pairwise merge); returns self.
+
+        Args:
+            other: statistics of disjoint samples (e.g. another rank's); left unchanged.
+
+        Raises:
+            TypeError / ValueError: ``other`` is not a RunningStats, or its feature size differs.
+        """
+        if not isinstance(other, RunningStats):
+            raise TypeError(f"other must be a RunningStats, got {type(other).__name__}")
+        if other._mean is None:
             return self
-        n = self.n + nb
-        delta = mean_b.to(self._mean.device) - self._mean
+        if self._mean is None:
+            self.n, self._mean, self._scatter = other.n, other._mean.clone(), other._scatter.clone()
+            return self
+        if other._mean.shape != self._mean.shape:
+            raise ValueError(f"feature sizes differ: other has {other._mean.shape[0]} features, this has "
+                             f"{self._mean.shape[0]}")
+        nb, n = other.n, self.n + other.n
+        delta = other._mean.to(self._mean.device) - self._mean
         self._mean = self._mean + delta * (nb / n)
-        self._scatter = self._scatter + scatter_b.to(self._mean.device) + torch.outer(delta, delta) * (self.n * nb / n)
+        self._scatter = (self._scatter + other._scatter.to(self._mean.device)
+                         + torch.outer(delta, delta) * (self.n * nb / n))
         self.n = n
         return self
+
+    @property
+    def device(self) -> torch.device | None:
+        """Device of the accumulated statistics (None before the first batch)."""
+        return None if self._mean is None else self._mean.device
+
+    def to(self, device: torch.device | str | None) -> RunningStats:
+        """A copy with the statistics on another device.
+
+        Args:
+            device: the target device; None keeps the current one (an empty stream is copied as is).
+
+        Returns:
+            A new RunningStats; this one is unchanged.
+        """
+        out = RunningStats()
+        out.n = self.n
+        if self._mean is not None:
+            target = self._mean.device if device is None else device
+            out._mean, out._scatter = self._mean.to(target, copy=True), self._scatter.to(target, copy=True)
+        return out
 
     def finalize(self) -> FeatureStats:
         """Return the :class:`FeatureStats` so far (unbiased covariance).

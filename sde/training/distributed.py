@@ -35,8 +35,8 @@ class DistInfo:
     @property
     def device(self) -> torch.device:
         """The device this rank should train on: its GPU under NCCL, else the CPU."""
-        if self.backend == "nccl":
-            return torch.device("cuda", self.local_rank)
+        if self.backend == "nccl":  # a task that sees only its own GPU(s) (SLURM gpu binding) uses them in turn
+            return torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
         return torch.device("cpu")
 
 
@@ -58,7 +58,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)  # before init so NCCL binds the right GPU
+            torch.cuda.set_device(local_rank % max(1, torch.cuda.device_count()))  # before init: NCCL binds it
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, backend=dist.get_backend())
 

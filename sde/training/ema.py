@@ -55,12 +55,28 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, num_updates: int) -> float:
-        """Fold ``model``'s current weights into the average; returns the decay used."""
+        """Fold ``model``'s current weights into the average; returns the decay used.
+
+        One multi-tensor (``torch._foreach_*``) lerp over all parameters and one copy over all buffers:
+        a handful of fused kernels on CUDA instead of two per tensor, the same arithmetic per element.
+
+        Args:
+            model: the trained model (same architecture as the shadow copy).
+            num_updates: updates already applied (selects the warmed-up decay).
+
+        Returns:
+            The decay d used: ``ema <- ema + (1 - d) (p - ema)``.
+
+        Raises:
+            ValueError: ``model`` has a different number of parameters or buffers than the shadow.
+        """
         d = ema_decay(num_updates, self.decay, self.warmup)
-        for p_ema, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1.0 - d)  # ema + (1-d)(p - ema) = d*ema + (1-d)*p
-        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
+        ema_params, params = _paired("parameters", self.model.parameters(), model.parameters())
+        if ema_params:
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - d)  # = d*ema + (1-d)*p
+        ema_buffers, buffers = _paired("buffers", self.model.buffers(), model.buffers())
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
         return d
 
     def state_dict(self) -> dict:
@@ -70,3 +86,10 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         """Restore averaged weights saved by :meth:`state_dict`."""
         self.model.load_state_dict(state)
+
+
+def _paired(kind: str, shadow, live) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    shadow, live = list(shadow), list(live)
+    if len(shadow) != len(live):
+        raise ValueError(f"model has {len(live)} {kind}, the EMA shadow has {len(shadow)}: not the same architecture")
+    return shadow, live

@@ -224,7 +224,8 @@ class Trainer:
         epoch, pos = divmod(step, self.batches_per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             self._sampler.set_epoch(epoch)
-            self._epoch_cache = (epoch, torch.tensor(list(iter(self._sampler)), dtype=torch.long))
+            order = torch.tensor(list(iter(self._sampler)), dtype=torch.long)
+            self._epoch_cache = (epoch, order.pin_memory() if self.device.type == "cuda" else order)  # async copies
         b = self.config.batch_size
         return self._epoch_cache[1][pos * b:(pos + 1) * b]
 
@@ -280,7 +281,7 @@ class Trainer:
 
     def _train_step(self) -> tuple[float, float, float]:
         cfg = self.config
-        idx = self.batch_indices(self.step).to(self.device)
+        idx = self.batch_indices(self.step).to(self.device, non_blocking=True)
         x0 = self.data[idx]
         kwargs: dict[str, Any] = {"generator": self.noise_generator}
         if self.labels is not None:
