@@ -43,10 +43,11 @@ def _validation_loss(model, loss_fn, data, labels, cfg) -> float:
 def _loss_function(cfg: DictConfig, train_set, num_classes: int):
     """DSM loss, on dequantized data for quantized data sets (the space test bits/dim scores), with label
     dropout to the null class for conditional models (one network serves classifier-free guidance)."""
-    from sde.losses import dequantized, dsm_loss
+    from sde.losses import dequantized, dsm_loss, get_weighting
     from sde.models import drop_labels
 
-    loss = functools.partial(dsm_loss, likelihood_weighting=cfg.train.likelihood_weighting, eps=cfg.train.eps)
+    recipe = get_weighting(cfg.loss.weighting, **{k: v for k, v in cfg.loss.items() if k != "weighting"})
+    loss = functools.partial(dsm_loss, weighting=recipe, eps=cfg.train.eps)
     if getattr(train_set, "levels", None):
         loss = dequantized(loss, int(train_set.levels))
     if num_classes == 0:

@@ -203,3 +203,43 @@ def test_pf_ode_nll_equals_the_elbo_for_the_exact_score(sde_name):
     bound, se_b, entropy, kl_T = _elbo(sde, gm, 1.0, n_batches=4)
     assert abs(nll - (entropy + kl_T)) < 4 * se, (nll, se, entropy + kl_T)
     assert abs(nll - bound) < 4 * math.hypot(se, se_b)
+
+
+# -- Hydra: the loss= group and sde=flow ---------------------------------------------------------------------
+def _compose_train(overrides):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+def test_loss_group_builds_each_recipe_in_train_py(name, monkeypatch):
+    from pathlib import Path
+
+    pytest.importorskip("hydra")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    import train  # experiments/train.py
+
+    cfg = _compose_train([f"loss={name}"])
+    assert cfg.loss.weighting == name
+    loss = train._loss_function(cfg, object(), num_classes=0)  # an unquantized set: the partial itself
+    seen = loss.keywords
+    expected = get_weighting(name, **{k: v for k, v in cfg.loss.items() if k != "weighting"})
+    assert seen["weighting"] == expected and type(seen["weighting"]) is type(WEIGHTINGS[name])
+    assert seen["eps"] == cfg.train.eps
+
+
+def test_min_snr_gamma_and_flow_sde_from_config():
+    from sde.sdes import FlowSDE as Flow
+
+    cfg = _compose_train(["loss=min_snr", "loss.gamma=2.0", "sde=flow"])
+    assert get_weighting(cfg.loss.weighting, gamma=cfg.loss.gamma).gamma == 2.0
+    from hydra.utils import instantiate
+
+    sde = instantiate(cfg.sde)
+    assert isinstance(sde, Flow) and sde.T == 0.99
+    assert "likelihood_weighting" not in cfg.train
