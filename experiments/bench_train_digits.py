@@ -129,7 +129,8 @@ def main() -> None:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
-    print("\n| run | SDE | parametrization | weighting | steps | test bpd | FD-digits (20 NFE) |\n|---|---|---|---|---|---|---|")
+    print("\n| run | SDE | parametrization | weighting | steps | test bpd | FD-digits (20 NFE) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['sde']} | {r['parametrization']} | {r['weighting']} | {r['steps']} | "
               f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | {r['fd_digits']:.1f} |")

@@ -99,7 +99,7 @@ class UniformTime(TimeDensity):
 
 
 class UniformLogSNR(TimeDensity):
-    """lambda ~ U(lambda(T), lambda(eps)): t prop. to g^2 / sigma^2 (importance sampling of the likelihood weighting)."""
+    """lambda ~ U(lambda(T), lambda(eps)): t prop. to g^2 / sigma^2 (the likelihood weighting's importance sampling)."""
 
     def sample(self, sde: SDE, u: Tensor, eps: float) -> Tensor:
         l_eps, l_T = _log_snr_range(sde, eps, u.device)

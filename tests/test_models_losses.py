@@ -8,9 +8,9 @@ from torch import nn
 
 from sde import VESDE, VPSDE, GaussianMixture, SubVPSDE
 from sde.losses import dsm_loss, sample_time
-from sde.sdes import FlowSDE
 from sde.models import PARAMETRIZATIONS, ScoreModel, drop_labels
 from sde.nets import MLP
+from sde.sdes import FlowSDE
 
 F64 = torch.float64
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=10.0), "vp_cos": VPSDE(schedule="cosine"),

@@ -38,7 +38,7 @@ def _stated_weight(name, sde, lam, eps=EPS):
     """w(lambda) of docs/recipes.md, written out independently of sde/losses.py."""
     lo, hi = _lam_range(sde, eps)
     t = sde.t_from_log_snr(lam).clamp(eps, sde.T)
-    a, s, g2 = sde.alpha(t), sde.sigma(t), sde.diffusion(t) ** 2
+    s, g2 = sde.sigma(t), sde.diffusion(t) ** 2
     uniform_t = s**2 / (g2 * (sde.T - eps))  # p(lambda) of t ~ U(eps, T): dt/dlambda = -sigma^2 / g^2
     normal = torch.distributions.Normal(2.4, 2.4)
     edm_p = normal.log_prob(lam).exp() / (normal.cdf(torch.tensor(hi)) - normal.cdf(torch.tensor(lo)))
