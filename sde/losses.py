@@ -180,13 +180,18 @@ class Weighting(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True)
-class Sigma2(Weighting):
-    """lambda(t) = sigma^2 with t ~ U(eps, T) (Song et al. 2021): w = p = the SDE's own log-SNR density."""
-
-    density = UniformTime()
+class _PlainEpsMSE(Weighting):
+    """The eps-MSE itself (r = 1, w = p): the weighting is all in the noise density."""
 
     def ratio(self, sde: SDE, t: Tensor, eps: float) -> Tensor:
         return torch.ones_like(t)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sigma2(_PlainEpsMSE):
+    """lambda(t) = sigma^2 with t ~ U(eps, T) (Song et al. 2021): w = p = the SDE's own log-SNR density."""
+
+    density = UniformTime()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,13 +222,10 @@ class EDM(Weighting):
 
 
 @dataclasses.dataclass(frozen=True)
-class EpsMSE(Weighting):
+class EpsMSE(_PlainEpsMSE):
     """|| eps_hat - z ||^2 with the cosine schedule's log-SNR density (Ho et al. 2020; Nichol & Dhariwal 2021)."""
 
     density = CosineLogSNR()
-
-    def ratio(self, sde: SDE, t: Tensor, eps: float) -> Tensor:
-        return torch.ones_like(t)
 
 
 @dataclasses.dataclass(frozen=True)
