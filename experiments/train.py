@@ -43,14 +43,19 @@ def _validation_loss(model, loss_fn, data, labels, cfg) -> float:
     return sum(losses) / len(losses)
 
 
+_LOSS_APP_KEYS = ("weighting", "eps", "label_dropout")  # loss: keys that are not the recipe's parameters
+
+
 def _loss_function(cfg: DictConfig, train_set, num_classes: int):
-    """The training loss: ``cfg.loss`` options of dsm_loss, on dequantized data for quantized data sets (the
-    dataset's own dequantization, the space test bits/dim scores), with label dropout to the null class for
-    conditional models (one network then serves classifier-free guidance)."""
-    from sde.losses import dequantized, dsm_loss
+    """The training loss: ``cfg.loss`` (a registered weighting recipe and its parameters, conf/loss/) of dsm_loss,
+    on dequantized data for quantized data sets (the dataset's own dequantization, the space test bits/dim
+    scores), with label dropout to the null class for conditional models (one network then serves
+    classifier-free guidance)."""
+    from sde.losses import dequantized, dsm_loss, get_weighting
     from sde.models import drop_labels
 
-    loss = functools.partial(dsm_loss, likelihood_weighting=cfg.loss.likelihood_weighting, eps=cfg.loss.eps)
+    params = {k: v for k, v in cfg.loss.items() if k not in _LOSS_APP_KEYS}
+    loss = functools.partial(dsm_loss, weighting=get_weighting(cfg.loss.weighting, **params), eps=cfg.loss.eps)
     if getattr(train_set, "levels", None):
         loss = dequantized(loss, int(train_set.levels))  # the dataset's dequantization (sde.data.dequantize)
     if num_classes == 0:

@@ -47,7 +47,7 @@ from ._io import atomic_write, remove_stale_temp_files
 from .data import load_dataset
 from .models import ScoreModel
 from .nets import MLP, NETS
-from .sdes import SDE, VESDE, VPSDE, SubVPSDE
+from .sdes import SDE, VESDE, VPSDE, FlowSDE, SubVPSDE
 
 __all__ = [
     "CHECKPOINT_FORMAT", "SDES", "DATA_LOADERS", "CheckpointError", "CheckpointSpecError",
@@ -59,7 +59,7 @@ __all__ = [
 CHECKPOINT_FORMAT = 1
 
 # name -> SDE class. Register a new SDE with one line (e.g. "flow": FlowSDE).
-SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "flow": FlowSDE}
 # name -> data-set loader called as loader(**fields, split=...).
 DATA_LOADERS: dict[str, Callable[..., Any]] = {"load_dataset": load_dataset}
 

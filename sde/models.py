@@ -15,6 +15,8 @@ and reads the output F as:
     x0:     score = (alpha F - x) / sigma^2      (Tweedie)
     edm:    D = c_skip x/alpha + c_out F,  score = (alpha D - x) / sigma^2,
             c_skip = sd^2 / (sigma_k^2 + sd^2),  c_out = sigma_k sd / sqrt(sigma_k^2 + sd^2)
+    velocity: F = alpha' x0 + sigma' eps (flow matching; for FlowSDE F = eps - x0), which is the
+            probability-flow velocity f x - g^2 score / 2, so score = 2 (f x - F) / g^2
 
 ``denoise`` is Tweedie's formula x0_hat = (x + sigma^2 score) / alpha for all of them.
 """
@@ -33,19 +35,25 @@ from .sdes import SDE
 __all__ = ["ScoreModel", "PARAMETRIZATIONS", "ConditionalScore", "drop_labels"]
 
 
-def _eps(out: Tensor, x: Tensor, a: Tensor, s: Tensor, sigma_data: float) -> Tensor:
-    return -out / s
+def _coefs(sde: SDE, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    return bcast(sde.alpha(t), x), bcast(sde.sigma(t), x)
 
 
-def _score(out: Tensor, x: Tensor, a: Tensor, s: Tensor, sigma_data: float) -> Tensor:
+def _eps(out: Tensor, x: Tensor, sde: SDE, t: Tensor, sigma_data: float) -> Tensor:
+    return -out / bcast(sde.sigma(t), x)
+
+
+def _score(out: Tensor, x: Tensor, sde: SDE, t: Tensor, sigma_data: float) -> Tensor:
     return out
 
 
-def _x0(out: Tensor, x: Tensor, a: Tensor, s: Tensor, sigma_data: float) -> Tensor:
+def _x0(out: Tensor, x: Tensor, sde: SDE, t: Tensor, sigma_data: float) -> Tensor:
+    a, s = _coefs(sde, t, x)
     return (a * out - x) / s**2
 
 
-def _edm(out: Tensor, x: Tensor, a: Tensor, s: Tensor, sigma_data: float) -> Tensor:
+def _edm(out: Tensor, x: Tensor, sde: SDE, t: Tensor, sigma_data: float) -> Tensor:
+    a, s = _coefs(sde, t, x)
     sk2 = (s / a) ** 2  # sigma_karras^2 of the scaled variable x / alpha
     c_skip = sigma_data**2 / (sk2 + sigma_data**2)
     c_out = (s / a) * sigma_data / torch.sqrt(sk2 + sigma_data**2)
@@ -53,12 +61,18 @@ def _edm(out: Tensor, x: Tensor, a: Tensor, s: Tensor, sigma_data: float) -> Ten
     return (a * d - x) / s**2
 
 
-# name -> (net output F, x_t, alpha, sigma, sigma_data) -> score; alpha and sigma broadcast like x
-PARAMETRIZATIONS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]] = {
+def _velocity(out: Tensor, x: Tensor, sde: SDE, t: Tensor, sigma_data: float) -> Tensor:
+    # F = E[alpha' x0 + sigma' eps | x_t] is the PF-ODE velocity f x - g^2 score / 2, solved for the score
+    return 2.0 * (bcast(sde.drift_coef(t), x) * x - out) / bcast(sde.diffusion(t) ** 2, x)
+
+
+# name -> (net output F, x_t, sde, t (B,) or (1,), sigma_data) -> score
+PARAMETRIZATIONS: dict[str, Callable[[Tensor, Tensor, SDE, Tensor, float], Tensor]] = {
     "eps": _eps,
     "score": _score,
     "x0": _x0,
     "edm": _edm,
+    "velocity": _velocity,
 }
 
 
@@ -68,7 +82,8 @@ class ScoreModel(nn.Module):
     Args:
         net: module called as ``net(c_in * x, c_noise, y)`` returning a tensor shaped like x.
         sde: the forward SDE, which gives alpha(t) and sigma(t).
-        parametrization: what the net predicts: "eps", "score", "x0" or "edm" (module docstring).
+        parametrization: what the net predicts: "eps", "score", "x0", "edm" or "velocity"
+            (module docstring; a key of ``PARAMETRIZATIONS``).
         sigma_data: data std assumed by the input scaling and the EDM preconditioning.
 
     Raises:
@@ -108,7 +123,7 @@ class ScoreModel(nn.Module):
         c_in = torch.rsqrt(s**2 + (a * self.sigma_data) ** 2)
         label = (-self.sde.log_snr(tc) / 8.0).expand(t.shape)  # = noise_label(t), still a shared view
         out = self.net(c_in * x, label) if y is None else self.net(c_in * x, label, y)
-        return PARAMETRIZATIONS[self.parametrization](out, x, a, s, self.sigma_data)
+        return PARAMETRIZATIONS[self.parametrization](out, x, self.sde, tc, self.sigma_data)
 
     def denoise(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
         """E[x_0 | x_t = x] by Tweedie's formula: (x + sigma^2 score) / alpha."""

@@ -22,12 +22,24 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time, bcast, check_callable, check_choice, check_int, check_positive, check_tensor
+from ._checks import (
+    as_time,
+    bcast,
+    check_callable,
+    check_choice,
+    check_int,
+    check_open_interval,
+    check_positive,
+    check_tensor,
+)
 from .flow import reverse_term
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "ScoreFn"]
+__all__ = [
+    "SDE", "VPSDE", "SubVPSDE", "VESDE", "FlowSDE", "InterpolantSDE", "ReverseSDE", "ScoreFn",
+    "VPSchedule", "LinearSchedule", "CosineSchedule", "VP_SCHEDULES",
+]
 
 
 class SDE(abc.ABC):
@@ -73,6 +85,14 @@ class SDE(abc.ABC):
     def log_snr(self, t: float | Tensor) -> Tensor:
         """lambda(t) = 2 log(alpha(t) / sigma(t)), decreasing in t."""
         return 2.0 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    def drift_coef(self, t: float | Tensor) -> Tensor:
+        """f(t) of the linear drift f(x, t) = f(t) x (every SDE with a Gaussian kernel has one), shape (B,).
+
+        It is d/dt log alpha(t). Subclasses override this generic evaluation with their closed form.
+        """
+        t = self._t(t)
+        return self.drift(torch.ones(t.shape[0], 1, dtype=t.dtype, device=t.device), t)[:, 0]
 
     def marginal_prob(self, x0: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
         """Mean (like x0) and std (B,) of p_0t(x_t | x_0).
@@ -181,66 +201,141 @@ class ReverseSDE:
         return rev_f, torch.zeros_like(G) if self.probability_flow else G
 
 
-class VPSDE(SDE):
+class VPSchedule(abc.ABC):
+    """A noise schedule of the VP family: beta(t) and log alpha(t) = -1/2 int_0^t beta, with the inverse.
+
+    ``VPSDE`` and ``SubVPSDE`` take everything time-dependent from one of these objects
+    (``VP_SCHEDULES``); a tabulated discrete (DDPM) schedule is one more subclass.
+    """
+
+    @abc.abstractmethod
+    def beta(self, t: Tensor) -> Tensor:
+        """beta(t) = -d/dt log alpha(t)^2."""
+
+    @abc.abstractmethod
+    def log_alpha(self, t: Tensor) -> Tensor:
+        """log alpha(t) = -1/2 int_0^t beta(s) ds."""
+
+    @abc.abstractmethod
+    def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        """Inverse of ``log_alpha``."""
+
+
+class LinearSchedule(VPSchedule):
+    """beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021; DDPM's linear betas in the limit).
+
+    Raises:
+        ValueError: not beta_min < beta_max.
+    """
+
+    def __init__(self, beta_min: float, beta_max: float) -> None:
+        if not beta_min < beta_max:
+            raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_min, self.beta_max = beta_min, beta_max
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        # Root of 1/4 (bmax - bmin) t^2 + 1/2 bmin t + log_alpha = 0, in the form that
+        # does not cancel when beta_max - beta_min is small.
+        c = -2.0 * log_alpha
+        return 2.0 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * (self.beta_max - self.beta_min) * c))
+
+
+class CosineSchedule(VPSchedule):
+    """alpha(t)^2 = f(t) / f(0), f(t) = cos((t t_max + s) / (1 + s) pi / 2)^2 (Nichol & Dhariwal 2021).
+
+    t in [0, 1] is mapped onto [0, t_max] of their time so beta(T) stays finite (as in
+    DPM-Solver). beta_min / beta_max are not used.
+    """
+
+    S = 0.008  # offset of the cosine schedule (Nichol & Dhariwal 2021)
+    T_MAX = 0.9946  # cosine time reached at t = T, keeps beta(T) finite
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+        self._cos_f0 = math.cos(self.S / (1 + self.S) * math.pi / 2) ** 2
+
+    def _angle(self, t: Tensor) -> Tensor:
+        return (t * self.T_MAX + self.S) / (1 + self.S) * (math.pi / 2)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.T_MAX * math.pi / (1 + self.S) * torch.tan(self._angle(t))
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return torch.log(torch.cos(self._angle(t))) - 0.5 * math.log(self._cos_f0)
+
+    def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        cos = torch.exp(log_alpha + 0.5 * math.log(self._cos_f0))
+        return (torch.arccos(cos) * (2 * (1 + self.S) / math.pi) - self.S) / self.T_MAX
+
+
+# name -> schedule class, built as cls(beta_min, beta_max)
+VP_SCHEDULES: dict[str, type[VPSchedule]] = {"linear": LinearSchedule, "cosine": CosineSchedule}
+
+
+class _ScheduledSDE(SDE):
+    """The VP family: drift -beta(t)/2 x and alpha(t) from a ``VPSchedule``; the prior is N(0, I).
+
+    Subclasses choose sigma(t) (and with it g(t) and the log-SNR).
+    """
+
+    def __init__(self, beta_min: float, beta_max: float, schedule: str, N: int) -> None:
+        super().__init__(N)
+        self.schedule = check_choice("schedule", schedule, VP_SCHEDULES)
+        self.beta_min = check_positive("beta_min", beta_min)
+        self.beta_max = check_positive("beta_max", beta_max)
+        self._schedule = VP_SCHEDULES[schedule](self.beta_min, self.beta_max)
+
+    def beta(self, t: float | Tensor) -> Tensor:
+        """beta(t) = -d/dt log alpha(t)^2."""
+        return self._schedule.beta(self._t(t))
+
+    def log_alpha(self, t: float | Tensor) -> Tensor:
+        """log alpha(t) = -1/2 int_0^t beta(s) ds."""
+        return self._schedule.log_alpha(self._t(t))
+
+    def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        return self._schedule.t_from_log_alpha(log_alpha)
+
+    def alpha(self, t: float | Tensor) -> Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def drift_coef(self, t: float | Tensor) -> Tensor:
+        return -0.5 * self.beta(t)
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
+        t = as_time(t, x, self.T)
+        return -0.5 * bcast(self.beta(t), x) * x
+
+
+class VPSDE(_ScheduledSDE):
     """Variance-preserving SDE: dx = -beta(t)/2 x dt + sqrt(beta(t)) dw (DDPM in the limit).
 
     Args:
         beta_min: beta(0) of the linear schedule.
         beta_max: beta(1) of the linear schedule.
-        schedule: "linear" (Song et al. 2021) or "cosine" (Nichol & Dhariwal 2021).
+        schedule: a name in ``VP_SCHEDULES``: "linear" (Song et al. 2021) or "cosine"
+            (Nichol & Dhariwal 2021).
         N: number of steps of the discrete DDPM chain used by ``discretize``.
 
     Raises:
         ValueError: unknown schedule, or not 0 < beta_min < beta_max.
     """
 
-    COSINE_S = 0.008  # offset of the cosine schedule (Nichol & Dhariwal 2021)
-    COSINE_T_MAX = 0.9946  # cosine time reached at t = T, keeps beta(T) finite
-
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, schedule: str = "linear", N: int = 1000) -> None:
-        super().__init__(N)
-        self.schedule = check_choice("schedule", schedule, ("linear", "cosine"))
-        self.beta_min = check_positive("beta_min", beta_min)
-        self.beta_max = check_positive("beta_max", beta_max)
-        if schedule == "linear" and not beta_min < beta_max:
-            raise ValueError(f"beta_min must be < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
-        s = self.COSINE_S
-        self._cos_f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
+        super().__init__(beta_min, beta_max, schedule, N)
 
     def __repr__(self) -> str:
         name = type(self).__name__
         return f"{name}(beta_min={self.beta_min}, beta_max={self.beta_max}, schedule={self.schedule!r}, N={self.N})"
-
-    def _angle(self, t: Tensor) -> Tensor:
-        s = self.COSINE_S
-        return (t * self.COSINE_T_MAX + s) / (1 + s) * (math.pi / 2)
-
-    def beta(self, t: float | Tensor) -> Tensor:
-        """beta(t) = -d/dt log alpha(t)^2."""
-        t = self._t(t)
-        if self.schedule == "cosine":
-            return self.COSINE_T_MAX * math.pi / (1 + self.COSINE_S) * torch.tan(self._angle(t))
-        return self.beta_min + t * (self.beta_max - self.beta_min)
-
-    def log_alpha(self, t: float | Tensor) -> Tensor:
-        """log alpha(t) = -1/2 int_0^t beta(s) ds."""
-        t = self._t(t)
-        if self.schedule == "cosine":
-            return torch.log(torch.cos(self._angle(t))) - 0.5 * math.log(self._cos_f0)
-        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-
-    def _t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
-        if self.schedule == "cosine":
-            s = self.COSINE_S
-            cos = torch.exp(log_alpha + 0.5 * math.log(self._cos_f0))
-            return (torch.arccos(cos) * (2 * (1 + s) / math.pi) - s) / self.COSINE_T_MAX
-        # Root of 1/4 (bmax - bmin) t^2 + 1/2 bmin t + log_alpha = 0, in the form that
-        # does not cancel when beta_max - beta_min is small.
-        c = -2.0 * log_alpha
-        return 2.0 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * (self.beta_max - self.beta_min) * c))
-
-    def alpha(self, t: float | Tensor) -> Tensor:
-        return torch.exp(self.log_alpha(t))
 
     def sigma(self, t: float | Tensor) -> Tensor:
         return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
@@ -252,14 +347,6 @@ class VPSDE(SDE):
     def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
         # alpha^2 = sigmoid(lambda)  =>  log alpha = -softplus(-lambda) / 2
         return self._t_from_log_alpha(-0.5 * torch.nn.functional.softplus(-log_snr))
-
-    @property
-    def prior_std(self) -> float:
-        return 1.0
-
-    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
-        t = as_time(t, x, self.T)
-        return -0.5 * bcast(self.beta(t), x) * x
 
     def diffusion(self, t: float | Tensor) -> Tensor:
         return torch.sqrt(self.beta(t))
@@ -273,11 +360,17 @@ class VPSDE(SDE):
         return bcast(torch.sqrt(1.0 - beta_i) - 1.0, x) * x, torch.sqrt(beta_i)
 
 
-class SubVPSDE(VPSDE):
+class SubVPSDE(_ScheduledSDE):
     """Sub-VP SDE: dx = -beta/2 x dt + sqrt(beta (1 - e^{-2 int beta})) dw.
 
     Its marginal std is 1 - alpha^2, always below the VP one (Song et al. 2021, eq. 29);
-    the prior is N(0, I). Linear schedule only.
+    the prior is N(0, I). Linear schedule only. ``discretize`` is the Euler-Maruyama step
+    of ``SDE`` (sub-VP has no classical discrete chain).
+
+    Args:
+        beta_min: beta(0) of the linear schedule.
+        beta_max: beta(1) of the linear schedule.
+        N: number of Euler-Maruyama steps used by ``discretize``.
 
     Raises:
         ValueError: not 0 < beta_min < beta_max.
@@ -306,9 +399,106 @@ class SubVPSDE(VPSDE):
         discount = -torch.expm1(4.0 * self.log_alpha(t))  # 1 - exp(-2 int_0^t beta)
         return torch.sqrt(self.beta(t) * discount)
 
+
+class InterpolantSDE(SDE):
+    """The SDE of an affine interpolant x_t = alpha(t) x_0 + sigma(t) eps (flow matching's Gaussian paths).
+
+    Given differentiable alpha(t) (decreasing from 1) and sigma(t) (increasing from 0), the
+    forward SDE with these marginals has the linear drift f(t) = alpha'(t) / alpha(t) and
+    g(t)^2 = d sigma^2 / dt - 2 f sigma^2 = -sigma^2 d log_snr / dt (docs/math.md). Subclasses
+    give ``alpha``, ``sigma``, their derivatives ``d_alpha`` / ``d_sigma`` and ``t_from_log_snr``;
+    the prior is N(0, I).
+    """
+
+    @abc.abstractmethod
+    def d_alpha(self, t: Tensor) -> Tensor:
+        """alpha'(t)."""
+
+    @abc.abstractmethod
+    def d_sigma(self, t: Tensor) -> Tensor:
+        """sigma'(t)."""
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    def drift_coef(self, t: float | Tensor) -> Tensor:
+        t = self._t(t)
+        return self.d_alpha(t) / self.alpha(t)
+
+    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
+        t = as_time(t, x, self.T)
+        return bcast(self.drift_coef(t), x) * x
+
+    def diffusion(self, t: float | Tensor) -> Tensor:
+        t = self._t(t)
+        s = self.sigma(t)
+        return torch.sqrt(2.0 * s * (self.d_sigma(t) - self.drift_coef(t) * s))
+
     def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
-        """Euler-Maruyama step (sub-VP has no classical discrete chain)."""
-        return SDE.discretize(self, x, t, dt)
+        """The exact Gaussian transition from t - dt to t: f = (alpha_t / alpha_s - 1) x,
+        G = sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2), s = max(t - dt, 0); ``dt`` defaults to T / N.
+        Unlike Euler-Maruyama it stays accurate where g(t)^2 is large (near alpha = 0)."""
+        dt = self.T / self.N if dt is None else dt
+        t = as_time(t, x, self.T)
+        s = torch.clamp(t - dt, min=0.0)
+        ratio = self.alpha(t) / self.alpha(s)
+        var = self.sigma(t) ** 2 - (ratio * self.sigma(s)) ** 2
+        return bcast(ratio - 1.0, x) * x, torch.sqrt(torch.clamp(var, min=0.0))
+
+
+class FlowSDE(InterpolantSDE):
+    """Flow matching / rectified flow as an SDE: x_t = (1 - t) x_0 + t eps (Lipman et al. 2023, Liu et al. 2023).
+
+    alpha(t) = 1 - t, sigma(t) = t, so f(t) = -1 / (1 - t), g(t)^2 = 2 t / (1 - t),
+    log_snr(t) = 2 log((1 - t) / t) and t = sigmoid(-log_snr / 2). The PF-ODE velocity is the
+    flow-matching velocity E[eps - x_0 | x_t] (docs/math.md).
+
+    End point: alpha(1) = 0 makes f and g infinite at t = 1, so the process stops at
+    ``T = 1 - 1e-2`` by default (alpha(T) = 0.01, log_snr(T) = -9.19, close to the linear
+    VP's -10.0 at its T = 1), where every sampler's drift is finite; the prior is N(0, I)
+    as for VP, whose p_T differs from it by the same order (alpha(T) x_0 mean, sigma(T) = T std).
+
+    Args:
+        T: end time, in (0, 1).
+        N: number of steps of the discrete chain used by ``discretize``.
+
+    Raises:
+        ValueError: T not in (0, 1).
+    """
+
+    def __init__(self, T: float = 0.99, N: int = 1000) -> None:
+        super().__init__(N)
+        self.T = check_open_interval("T", T, 0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"FlowSDE(T={self.T}, N={self.N})"
+
+    def alpha(self, t: float | Tensor) -> Tensor:
+        return 1.0 - self._t(t)
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        return self._t(t).clone()
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return torch.full_like(t, -1.0)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def drift_coef(self, t: float | Tensor) -> Tensor:
+        return -1.0 / (1.0 - self._t(t))
+
+    def diffusion(self, t: float | Tensor) -> Tensor:
+        t = self._t(t)
+        return torch.sqrt(2.0 * t / (1.0 - t))
+
+    def log_snr(self, t: float | Tensor) -> Tensor:
+        t = self._t(t)
+        return 2.0 * (torch.log1p(-t) - torch.log(t))
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        return torch.sigmoid(-0.5 * log_snr)
 
 
 class VESDE(SDE):
@@ -360,6 +550,9 @@ class VESDE(SDE):
     def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
         as_time(t, x, self.T)
         return torch.zeros_like(x)
+
+    def drift_coef(self, t: float | Tensor) -> Tensor:
+        return torch.zeros_like(self._t(t))
 
     def diffusion(self, t: float | Tensor) -> Tensor:
         return self.noise_scale(t) * math.sqrt(2.0 * self._log_ratio)

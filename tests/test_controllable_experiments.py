@@ -215,7 +215,7 @@ def test_train_loss_drops_labels_to_the_null_class_and_dequantizes(monkeypatch):
 
     grid = torch.linspace(-1, 1, 17, dtype=torch.float64)[torch.randint(17, (4000, 2))]
     ds = ArrayDataset(grid, torch.zeros(4000, dtype=torch.long), levels=17, num_classes=3)
-    cfg = OmegaConf.create({"loss": {"likelihood_weighting": False, "eps": 1e-5, "label_dropout": 0.25}})
+    cfg = OmegaConf.create({"loss": {"weighting": "sigma2", "eps": 1e-5, "label_dropout": 0.25}})
     loss = train._loss_function(cfg, ds, num_classes=3)
     x0 = ds.data
     torch.manual_seed(0)

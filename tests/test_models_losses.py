@@ -10,9 +10,11 @@ from sde import VESDE, VPSDE, GaussianMixture, SubVPSDE
 from sde.losses import dsm_loss, sample_time
 from sde.models import PARAMETRIZATIONS, ScoreModel, drop_labels
 from sde.nets import MLP
+from sde.sdes import FlowSDE
 
 F64 = torch.float64
-SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=10.0), "vp_cos": VPSDE(schedule="cosine")}
+SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=10.0), "vp_cos": VPSDE(schedule="cosine"),
+        "flow": FlowSDE()}
 
 
 def _oracle() -> GaussianMixture:
@@ -54,12 +56,16 @@ class OracleNet(nn.Module):
             c_skip, c_out = self.sd**2 / (sk**2 + self.sd**2), sk * self.sd / torch.sqrt(sk**2 + self.sd**2)
             return (x0 - c_skip * x / a) / c_out
         score = self.gm.score(x, self.sde, t)
+        if self.p == "velocity":  # E[alpha' x0 + sigma' eps | x_t], from the posterior mean (no score)
+            d_alpha = self.sde.drift_coef(t)[:, None] * a
+            d_sigma = (self.sde.diffusion(t)[:, None] ** 2 / 2 + self.sde.drift_coef(t)[:, None] * s**2) / s
+            return d_alpha * x0 + d_sigma * (x - a * x0) / s
         return score if self.p == "score" else -s * score
 
 
 def _noisy(gm, sde, n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    t = 0.02 + 0.98 * torch.rand(n, generator=g, dtype=F64)
+    t = 0.02 + (sde.T - 0.02) * torch.rand(n, generator=g, dtype=F64)
     x, _ = sde.perturb(gm.sample(n, g), t, generator=g)
     return x, t
 
@@ -148,7 +154,16 @@ def test_exact_score_minimizes_the_loss():
         assert abs((loss - base) / gap - 1) < 0.15
 
 
-@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def _uniform_time_g2_loss(score, sde, x0, eps, g):
+    """Song's g^2-weighted DSM loss with t ~ U(eps, T), written out here (no recipe code)."""
+    t = eps + torch.rand(x0.shape[0], generator=g, dtype=F64) * (sde.T - eps)
+    a, s = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+    z = torch.randn(x0.shape, generator=g, dtype=F64)
+    x = a * x0 + s * z
+    return (sde.diffusion(t) ** 2 * ((score(x, t) + z / s) ** 2).mean(1)).mean()
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve", "flow"])
 def test_importance_sampling_is_unbiased(sde_name):
     sde, gm = SDES[sde_name], _oracle()
     g = torch.Generator().manual_seed(3)
@@ -156,17 +171,12 @@ def test_importance_sampling_is_unbiased(sde_name):
     def score(x, t):  # not the exact score, so the loss depends on the weighting
         return 0.8 * gm.score(x, sde, t)
 
-    def estimates(**kw):
-        vals = torch.stack(
-            [
-                dsm_loss(score, sde, gm.sample(2000, g), likelihood_weighting=True, eps=1e-3, generator=g, **kw)
-                for _ in range(40)
-            ]
-        )
+    def estimates(loss):
+        vals = torch.stack([loss(gm.sample(2000, g)) for _ in range(40)])
         return vals.mean(), vals.std() / math.sqrt(len(vals))
 
-    m_u, se_u = estimates()
-    m_is, se_is = estimates(importance_sampling=True)
+    m_u, se_u = estimates(lambda x0: _uniform_time_g2_loss(score, sde, x0, 1e-3, g))
+    m_is, se_is = estimates(lambda x0: dsm_loss(score, sde, x0, weighting="likelihood", eps=1e-3, generator=g))
     assert abs(m_u - m_is) < 4 * math.hypot(se_u, se_is)
     assert se_is < se_u  # and it is the lower-variance estimator
     assert abs(m_u - m_is) / m_u < 0.05
@@ -175,7 +185,8 @@ def test_importance_sampling_is_unbiased(sde_name):
 def test_importance_sampling_time_density():
     sde = VPSDE()
     g = torch.Generator().manual_seed(0)
-    t, w = sample_time(sde, 200000, importance_sampling=True, eps=1e-3, generator=g, dtype=F64)
+    t, r = sample_time(sde, 200000, weighting="likelihood", eps=1e-3, generator=g, dtype=F64)
+    w = r * sde.sigma(t) ** 2 / sde.diffusion(t) ** 2  # the importance weight: r = w g^2 / sigma^2
     # E_q[w f] = E_U[f] for f = t and f = t^2
     for k in (1, 2):
         exact = (1 - 1e-3 ** (k + 1)) / ((k + 1) * (1 - 1e-3))
@@ -195,8 +206,12 @@ def test_reduce_and_bad_arguments():
     torch.testing.assert_close(total, 2 * mean)
     with pytest.raises(ValueError, match="reduce='max'"):
         dsm_loss(fn, sde, x0, reduce="max")
-    with pytest.raises(ValueError, match="needs likelihood_weighting"):
-        dsm_loss(fn, sde, x0, importance_sampling=True)
+    with pytest.raises(ValueError, match="weighting='g2'"):
+        dsm_loss(fn, sde, x0, weighting="g2")
+    with pytest.raises(TypeError, match="weighting must be"):
+        dsm_loss(fn, sde, x0, weighting=2.0)
+    with pytest.raises(TypeError, match="importance_sampling"):
+        dsm_loss(fn, sde, x0, importance_sampling=True)  # the old booleans are gone
     with pytest.raises(ValueError, match="eps"):
         dsm_loss(fn, sde, x0, eps=0.0)
     with pytest.raises(TypeError, match="x0"):
@@ -234,9 +249,7 @@ def test_float64_end_to_end():
     sde = VPSDE()
     model = ScoreModel(MLP(2, hidden=16, depth=1), sde).double()
     x0 = torch.randn(8, 2, dtype=F64)
-    loss = dsm_loss(
-        model, sde, x0, generator=torch.Generator().manual_seed(0), likelihood_weighting=True, importance_sampling=True
-    )
+    loss = dsm_loss(model, sde, x0, generator=torch.Generator().manual_seed(0), weighting="likelihood")
     assert loss.dtype == F64 and torch.isfinite(loss)
     loss.backward()
 

@@ -1,6 +1,7 @@
 """The forward SDEs against exact answers: simulation, DDPM/SMLD chains, closed forms."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import scipy.stats
 import torch
 
 from sde import VESDE, VPSDE, SubVPSDE
+from sde.sdes import FlowSDE
 
 F64 = torch.float64
 ALL_SDES = {
@@ -15,6 +17,7 @@ ALL_SDES = {
     "vp_cosine": lambda: VPSDE(schedule="cosine"),
     "subvp": lambda: SubVPSDE(),
     "ve": lambda: VESDE(),
+    "flow": lambda: FlowSDE(),  # T = 0.99: times below that say sde.T
 }
 
 
@@ -44,6 +47,7 @@ def test_marginal_prob_matches_simulation(sde, t_end):
     gen = torch.Generator().manual_seed(0)
     n = 40_000
     x0 = torch.full((n, 1), 1.5, dtype=F64)
+    t_end = min(t_end, sde.T)
     xt = _simulate_forward(sde, x0, t_end, steps=1000, generator=gen)
     mean, std = sde.marginal_prob(x0[:1], t_end)
     emp_mean, emp_var = xt.mean().item(), xt.var().item()
@@ -56,7 +60,7 @@ def test_marginal_prob_matches_simulation(sde, t_end):
 
 def test_variance_obeys_its_ode(sde):
     """For affine drift -b(t)/2 x: d sigma^2/dt = 2 (d log alpha/dt) sigma^2 + g^2."""
-    t = torch.linspace(0.02, 1.0, 17, dtype=F64, requires_grad=True)
+    t = torch.linspace(0.02, sde.T, 17, dtype=F64, requires_grad=True)
     var = sde.sigma(t) ** 2
     (dvar,) = torch.autograd.grad(var.sum(), t)
     t2 = t.detach().clone().requires_grad_(True)
@@ -68,7 +72,7 @@ def test_variance_obeys_its_ode(sde):
 
 
 def test_log_snr_inverse_roundtrip(sde):
-    t = torch.linspace(1e-3, 1.0, 101, dtype=F64)
+    t = torch.linspace(1e-3, sde.T, 101, dtype=F64)
     lam = sde.log_snr(t)
     assert torch.all(lam[1:] < lam[:-1]), "log-SNR must decrease in t"
     torch.testing.assert_close(sde.t_from_log_snr(lam), t, rtol=1e-9, atol=1e-10)
@@ -168,6 +172,7 @@ def test_reverse_sde_and_probability_flow(sde):
         (lambda: VESDE(sigma_min=0.0), "sigma_min"),
         (lambda: VESDE(sigma_min=10.0, sigma_max=1.0), "sigma_min must be < sigma_max"),
         (lambda: VPSDE(N=0), "N must be >= 1"),
+        (lambda: FlowSDE(T=1.0), "T must lie in the open interval"),
     ],
 )
 def test_bad_constructor_arguments(make, match):
@@ -177,9 +182,10 @@ def test_bad_constructor_arguments(make, match):
 
 def test_bad_time_and_shapes(sde):
     x = torch.randn(4, 2)
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 1.0\]"):
+    in_range = re.escape(f"t must lie in [0, {sde.T}]")
+    with pytest.raises(ValueError, match=in_range):
         sde.marginal_prob(x, 1.5)
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 1.0\]"):
+    with pytest.raises(ValueError, match=in_range):
         sde.marginal_prob(x, torch.tensor([0.1, 0.2, -0.1, 0.3]))
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         sde.marginal_prob(x, torch.rand(3))

@@ -65,8 +65,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # asymptotic EMA decay of the averaged weights
     ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     seed: int = 0  # data order = f(seed, epoch); loss noise generator seeded from (seed, rank)
-    bf16: bool = False  # bf16 autocast of forward + loss; CUDA only, a no-op on CPU
-    compile: bool = False  # torch.compile the model; CUDA only, skipped on CPU
+    bf16: bool = False  # bf16 autocast of forward + loss on the model's device type (CUDA or CPU); weights stay fp32
+    compile: bool = False  # torch.compile the training forward (any device; CPU needs a C++ compiler, first steps slow)
     log_every: int = 100  # steps between metric logs and progress-bar updates
     eval_every: int = 0  # steps between eval hooks; 0 = only at the end of fit()
     ckpt_every: int = 1000  # steps between writes of latest.pt; 0 = only at the end of fit()
@@ -129,6 +129,15 @@ _TRAJECTORY_KEYS = ("batch_size", "lr", "weight_decay", "betas", "adam_eps", "wa
 
 
 _RESUME_KEYS = ("step", "model", "ema", "optimizer", "config", "rng")  # what load() reads
+def _bf16_autocast(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of bf16 autocast contexts on ``device``'s type.
+
+    Raises:
+        ValueError: the device type has no bf16 autocast (only "cuda" and "cpu" are supported).
+    """
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"bf16=True needs a cuda or cpu device for torch.autocast, got device {device}")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -212,11 +221,10 @@ class Trainer:
         if self.dist.distributed:
             ids = [self.device] if on_cuda else None
             train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
-        if cfg.compile and on_cuda:  # inductor on CPU costs minutes of compile for little gain here
+        if cfg.compile:
             train_model = torch.compile(train_model)
         self._train_model = train_model
-        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.bf16 and on_cuda \
-            else contextlib.nullcontext
+        self._autocast = _bf16_autocast(self.device) if cfg.bf16 else contextlib.nullcontext
 
     # ----------------------------------------------------------------------------- data
     def batch_indices(self, step: int) -> Tensor:
