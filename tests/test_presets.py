@@ -21,8 +21,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import build  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
+from sde.checkpoint import build_net  # noqa: E402
 from sde.nets.unet import UNet  # noqa: E402
 
 # Song et al. 2021 (CIFAR-10, continuous objectives): parameters of the architectures the presets follow.
@@ -39,7 +40,7 @@ def _compose(preset: str, *overrides: str):
 
 def _meta_net(cfg) -> nn.Module:
     with torch.device("meta"):
-        return build(cfg.model.net)
+        return build_net(OmegaConf.to_container(cfg.model.net, resolve=True))
 
 
 def _count(module: nn.Module) -> int:
@@ -80,14 +81,14 @@ def test_preset_parameter_counts_match_the_paper(preset):
 ])
 def test_presets_follow_the_paper_hyperparameters(preset, sde, embedding, ema):
     cfg = _compose(preset)
-    net, tc, opt = cfg.model.net, cfg.train, cfg.optimizer
+    net, tc = cfg.model.net, cfg.train
     assert cfg.name == preset and cfg.data.name == "cifar10" and cfg.sde._target_.endswith(sde)
     assert (net.base_channels, list(net.channel_mults), list(net.attn_resolutions)) == (128, [1, 2, 2, 2], [16])
     assert net.num_res_blocks == (8 if "deep" in preset else 4) and net.dropout == 0.1 and net.embedding == embedding
     assert (net.in_channels, net.image_size) == (3, 32)
-    assert (tc.batch_size, tc.warmup, tc.grad_clip, tc.ema_decay) == (128, 5000, 1.0, ema)
-    assert (opt.lr, opt.weight_decay) == (2e-4, 0.0)
-    assert tc.likelihood_weighting == ("likelihood" in preset)
+    assert (tc.batch_size, tc.warmup_steps, tc.grad_clip, tc.ema_decay) == (128, 5000, 1.0, ema)
+    assert (tc.lr, tc.weight_decay, tc.total_steps) == (2e-4, 0.0, 1300000)
+    assert cfg.loss.weighting == ("likelihood" if "likelihood" in preset else "sigma2")
     if sde == "VESDE":
         assert (cfg.sde.sigma_min, cfg.sde.sigma_max) == (0.01, 50.0)
     else:
@@ -95,4 +96,4 @@ def test_presets_follow_the_paper_hyperparameters(preset, sde, embedding, ema):
 
 
 def test_likelihood_weighting_is_one_override_on_any_preset():
-    assert _compose("cifar10_ddpmpp_vp", "train.likelihood_weighting=true").train.likelihood_weighting is True
+    assert _compose("cifar10_ddpmpp_vp", "loss=likelihood").loss.weighting == "likelihood"

@@ -228,9 +228,9 @@ def test_loss_group_builds_each_recipe_in_train_py(name, monkeypatch):
     assert cfg.loss.weighting == name
     loss = train._loss_function(cfg, object(), num_classes=0)  # an unquantized set: the partial itself
     seen = loss.keywords
-    expected = get_weighting(name, **{k: v for k, v in cfg.loss.items() if k != "weighting"})
+    expected = get_weighting(name, **{k: v for k, v in cfg.loss.items() if k not in train._LOSS_APP_KEYS})
     assert seen["weighting"] == expected and type(seen["weighting"]) is type(WEIGHTINGS[name])
-    assert seen["eps"] == cfg.train.eps
+    assert seen["eps"] == cfg.loss.eps
 
 
 def test_min_snr_gamma_and_flow_sde_from_config():
