@@ -43,11 +43,12 @@ def _mixture2d() -> GaussianMixture:
 
 
 def _weighted_moments(res, idx):
-    """Per-condition weighted mean (R, d) and covariance (R, d, d) of the final particles."""
+    """Per-filter weighted means (R, d) and covariances about the pooled mean (R, d, d) of the
+    final particles: averaged over the R filters they are the pooled estimates."""
     w = res.log_weights.exp()
     x = res.particles[..., idx]
     m = torch.einsum("rk,rkd->rd", w, x)
-    d = x - m[:, None]
+    d = x - m.mean(0)
     return m, torch.einsum("rk,rki,rkj->rij", w, d, d)
 
 
@@ -304,3 +305,30 @@ def test_bad_inputs_error_clearly():
     with pytest.raises(ValueError, match="mask of shape"):
         sdedit(gm.score_fn(sde), sde, guide, 0.5, mask=torch.ones(3))
     assert math.isfinite(sdedit(gm.score_fn(sde), sde, guide, 0.5, steps=5).x.sum().item())
+
+
+@pytest.mark.slow
+def test_controllable_app_runs_smc_repaint_and_sdedit(tmp_path):
+    """experiments/controllable.py: control.method=smc|repaint for inpainting, control=edit (SDEdit)."""
+    import json
+
+    from test_experiments import FAST, TINY_TRAIN, run_app
+
+    run_app("train.py", [*FAST, *TINY_TRAIN, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    common = [*FAST, "num_images=3", "sampler.options.steps=8", f"score.path={tmp_path / 'run' / 'checkpoint.pt'}"]
+    run_app("controllable.py", ["-m", *common, "control=inpaint", "control.method=smc,repaint", "control.steps=10",
+                                "control.particles=3", "control.jump_length=2", "control.resample=2",
+                                f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    for i, method in enumerate(["smc", "repaint"]):
+        out = tmp_path / "sweep" / str(i)
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["method"] == method and m["consistency_max_error"] == 0.0
+        assert (out / "inpaint_ess.png").is_file() == (method == "smc")
+    run_app("controllable.py", [*common, "control=edit", "control.t0=0.3", "control.keep=left_half",
+                                f"hydra.run.dir={tmp_path / 'edit'}"], tmp_path)
+    m = json.loads((tmp_path / "edit" / "metrics.json").read_text())
+    assert m["control"] == "edit" and m["t0"] == 0.3 and m["kept_max_error"] == 0.0
+    assert (tmp_path / "edit" / "edit.png").is_file()
+    bad = run_app("controllable.py", [*common, "control=edit", "control.t0=1.5", f"hydra.run.dir={tmp_path / 'x'}"],
+                  tmp_path, check=False)
+    assert bad.returncode != 0 and "t0 must lie in (0, 1.0]" in bad.stderr
