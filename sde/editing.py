@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from .inverse import inpainting_constraint, project, replacement_score
-from .sdes import SDE, VESDE, ScoreFn
+from .samplers import default_eps
+from .sdes import SDE, ScoreFn
 
 __all__ = ["TimeWindow", "sdedit"]
 
@@ -125,7 +126,7 @@ def sdedit(
     """
     from .samplers import sample  # imported here: the sampler registry imports nothing from us
 
-    eps = (1e-5 if isinstance(sde, VESDE) else 1e-3) if eps is None else eps
+    eps = default_eps(sde) if eps is None else eps
     if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not (0.0 < t0 <= sde.T):
         raise ValueError(f"t0 must lie in (0, {sde.T}] (the SDE's T), got {t0!r}")
     if not 0.0 < eps < t0:

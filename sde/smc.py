@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ._checks import as_time, check_int, check_open_interval, check_tensor
 from .flow import reverse_drift, tweedie
-from .sdes import SDE, VESDE, ScoreFn
+from .samplers import default_eps
+from .sdes import SDE, ScoreFn
 
 __all__ = ["SMCResult", "smc_inverse", "smc_guidance", "systematic_resample", "effective_sample_size"]
 
@@ -116,7 +117,7 @@ def _check_smc(particles: int, ess_threshold: float) -> None:
 
 def _grid(sde: SDE, steps: int, eps: float | None) -> list[float]:
     check_int("steps", steps, 1)
-    eps = (1e-5 if isinstance(sde, VESDE) else 1e-3) if eps is None else eps
+    eps = default_eps(sde) if eps is None else eps
     check_open_interval("eps", eps, 0.0, sde.T)
     return torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64).tolist()
 
