@@ -6,6 +6,8 @@ problems and latent interpolation, each with any registered sampler.
     python experiments/controllable.py score.path=<conditional ckpt> control=cfg control.scale=3
     python experiments/controllable.py score.path=<ckpt> control=classifier_guidance classifier_path=<run>/classifier.pt
     python experiments/controllable.py score.path=<ckpt> control=interpolate control.steps=10
+    python experiments/controllable.py score.path=<ckpt> control=inpaint control.method=smc control.particles=32
+    python experiments/controllable.py score.path=<ckpt> control=edit control.t0=0.4 control.guide=coarse
 
 Writes into its run folder: <control>.png (rows: ground truth, observation, mask, result for inverse
 problems; one row per pair for interpolation; the generated grid for guidance), results.pt (the tensors,
@@ -16,7 +18,7 @@ guidance on digits the digits classifier's accuracy on the requested classes) an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -45,6 +47,8 @@ class Job:
     dtype: torch.dtype
     generator: torch.Generator
     images: Tensor | None = None  # the first num_images test images (inverse problems, interpolation)
+    out: Path | None = None  # the run folder (extra pictures such as SMC's ESS plot)
+    pictures: list[Path] = field(default_factory=list)  # extra pictures written, logged at the end
 
     @property
     def model(self):
@@ -133,8 +137,32 @@ def run_classifier_guidance(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
 
     classifier = _load_classifier(cfg, job)
     y = _class_ids(cfg, classifier.num_classes, job.device)
+    if cfg.control.get("method", "guidance") == "smc":
+        return _smc_guided(cfg, job, classifier, y)
+    if cfg.control.get("method", "guidance") != "guidance":
+        raise ValueError(f"control.method={cfg.control.method!r} is not supported for classifier guidance; "
+                         f"choose guidance or smc")
     score = classifier_guided_score(job.model, classifier, y, scale=float(cfg.control.scale))
     return _guided(cfg, job, score, y)
+
+
+def _smc_guided(cfg: DictConfig, job: Job, classifier, y: Tensor) -> tuple[dict, dict]:
+    """SMC class guidance (twisted diffusion sampler): the classifier is the twist, scale 1."""
+    from sde.smc import smc_guidance
+
+    if float(cfg.control.scale) != 1.0:
+        raise ValueError(f"control.method=smc targets p(x | y) itself: control.scale must be 1, "
+                         f"got {cfg.control.scale}")
+    c = cfg.control
+    with torch.no_grad():
+        res = smc_guidance(job.model, job.sde, (cfg.num_images, *job.source.shape), classifier, y,
+                           particles=int(c.particles), ess_threshold=float(c.ess_threshold), steps=int(c.steps),
+                           generator=job.generator, device=job.device, dtype=job.dtype)
+    _save_ess_plot(res.ess, job.out / f"{cfg.control.name}_ess.png", job)
+    per_class = int(math.ceil(cfg.num_images / len(set(y.tolist()))))
+    metrics = {"method": "smc", "particles": int(c.particles), "nfe": res.nfe, "min_ess": res.ess.min().item(),
+               **_class_metrics(job, res.x, y)}
+    return metrics, {"x": res.x, "labels": y, "ess": res.ess, "grid": (res.x, per_class)}
 
 
 # -- inverse problems -------------------------------------------------------------------------------
@@ -178,18 +206,52 @@ def make_mask(control: DictConfig, shape: tuple[int, ...], generator: torch.Gene
         else mask.expand(b, 1, h, w)
 
 
+def _method_options(cfg: DictConfig) -> dict:
+    """solve_inverse options of control.method: the sampler's for replacement / dps, the method's own otherwise."""
+    method, c = cfg.control.method, cfg.control
+    if method in ("replacement", "dps"):
+        options = OmegaConf.to_container(cfg.sampler.options, resolve=True) if cfg.sampler.get("options") else {}
+        return {"sampler": cfg.sampler.name, **options, **({"zeta": float(c.zeta)} if method == "dps" else {})}
+    if method == "smc":
+        return {"particles": int(c.particles), "ess_threshold": float(c.ess_threshold), "steps": int(c.steps)}
+    if method == "repaint":
+        return {"steps": int(c.steps), "jump_length": int(c.jump_length), "resample": int(c.resample)}
+    from sde.inverse import CONDITIONING_METHODS
+
+    raise ValueError(f"control.method={method!r} is not supported; choose one of {sorted(CONDITIONING_METHODS)}")
+
+
 def _solve(cfg: DictConfig, job: Job, constraint) -> tuple[Tensor, int]:
     from sde.inverse import solve_inverse
 
-    options = OmegaConf.to_container(cfg.sampler.options, resolve=True) if cfg.sampler.get("options") else {}
-    res = solve_inverse(job.model, job.sde, constraint, conditioning=cfg.control.conditioning,
-                        sampler=cfg.sampler.name, zeta=float(cfg.control.zeta), generator=job.generator, **options)
+    res = solve_inverse(job.model, job.sde, constraint, conditioning=cfg.control.method,
+                        generator=job.generator, **_method_options(cfg))
+    if hasattr(res, "ess"):  # SMC: the ESS-over-time picture
+        _save_ess_plot(res.ess, job.out / f"{cfg.control.name}_ess.png", job)
     return res.x.detach(), int(res.nfe)
+
+
+def _save_ess_plot(ess: Tensor, path: Path, job: Job) -> None:
+    """ESS / K per step (mean and min over the conditions) and where resampling happened."""
+    plt = plots._pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    e = ess.detach().double().cpu()
+    ax.plot(e.mean(1).numpy(), label="mean over conditions")
+    ax.plot(e.min(1).values.numpy(), label="min over conditions", alpha=0.7)
+    ax.set_xlabel("reverse step (t = T -> eps)")
+    ax.set_ylabel("ESS / K")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    try:
+        plots._savefig(fig, path)
+    finally:
+        plt.close(fig)
+    job.pictures.append(path)
 
 
 def _inverse_metrics(x: Tensor, truth: Tensor, constraint, nfe: int, cfg: DictConfig) -> dict:
     P, b = constraint
-    return {"conditioning": cfg.control.conditioning, "nfe": nfe,
+    return {"method": cfg.control.method, "nfe": nfe,
             "consistency_max_error": (P(x) - b).abs().max().item(),  # the measurement reproduced (0 up to rounding)
             "mse_to_truth": (x - truth).pow(2).mean().item()}  # the sampled part vs the held-out ground truth
 
@@ -239,6 +301,47 @@ def run_super_resolve(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     return metrics, {"x": x, "truth": truth, "observed": low, "grid": (torch.cat([truth, observed, x]), truth.shape[0])}
 
 
+# -- editing (SDEdit) ----------------------------------------------------------------------------------
+def make_guide(control: DictConfig, images: Tensor, generator: torch.Generator) -> Tensor:
+    """The guide to edit: a corrupted copy of the test images, in [-1, 1].
+
+    Raises:
+        ValueError: unknown control.guide.
+    """
+    name = str(control.guide)
+    if name == "coarse":  # a blocky 'stroke painting': block means of control.block x control.block pixels
+        f = int(control.block)
+        return F.interpolate(F.avg_pool2d(images, f), scale_factor=f, mode="nearest")
+    if name == "noise":  # a fraction of the pixels replaced by uniform noise
+        u = torch.rand(images.shape, generator=generator, device=generator.device).to(images)
+        noise = torch.rand(images.shape, generator=generator, device=generator.device).to(images) * 2 - 1
+        return torch.where(u < float(control.noise_fraction), noise, images)
+    raise ValueError(f"control.guide={name!r} is not supported; choose coarse or noise")
+
+
+def run_edit(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
+    """SDEdit: diffuse the guide to control.t0 and sample back with the configured sampler."""
+    from sde.editing import sdedit
+
+    truth = job.images
+    guide = make_guide(cfg.control, truth, job.generator)
+    mask = None
+    if cfg.control.get("keep") is not None:  # masked SDEdit: keep these pixels of the guide
+        mask = make_mask(OmegaConf.merge(cfg.control, {"mask": cfg.control.keep}), tuple(truth.shape),
+                         job.generator, truth.device, truth.dtype)
+    options = OmegaConf.to_container(cfg.sampler.options, resolve=True) if cfg.sampler.get("options") else {}
+    with torch.no_grad():
+        res = sdedit(job.model, job.sde, guide, float(cfg.control.t0), mask=mask, sampler=cfg.sampler.name,
+                     generator=job.generator, **options)
+    x = res.x.detach()
+    metrics = {"t0": float(cfg.control.t0), "guide": str(cfg.control.guide), "nfe": int(res.nfe),
+               "distance_to_guide": (x - guide).pow(2).mean().sqrt().item(),  # RMS, faithfulness
+               "distance_to_truth": (x - truth).pow(2).mean().sqrt().item()}
+    if mask is not None:
+        metrics["kept_max_error"] = ((x - guide) * mask).abs().max().item()
+    return metrics, {"x": x, "truth": truth, "guide": guide, "grid": (torch.cat([truth, guide, x]), truth.shape[0])}
+
+
 # -- interpolation --------------------------------------------------------------------------------
 def run_interpolate(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     from sde.interpolation import interpolate
@@ -265,6 +368,7 @@ CONTROLS = {  # control.name -> runner(cfg, job) -> (metrics, tensors incl. "gri
     "colorize": run_colorize,
     "super_resolve": run_super_resolve,
     "interpolate": run_interpolate,
+    "edit": run_edit,
 }
 
 
@@ -280,11 +384,14 @@ def run(cfg: DictConfig, tracker, out: Path, device, dtype, generator) -> dict:
     images = None
     if cfg.control.name not in ("cfg", "classifier_guidance"):
         images = load_data(source.data, split="test").data[: cfg.num_images].to(device=device, dtype=dtype)
-    metrics, tensors = runner(cfg, Job(source, device, dtype, generator, images))
+    job = Job(source, device, dtype, generator, images, out)
+    metrics, tensors = runner(cfg, job)
     grid, nrow = tensors.pop("grid")
     if source.data.image:
         picture = plots.save_grid(grid, out / f"{cfg.control.name}.png", nrow=nrow)
         tracker.image(cfg.control.name, picture, caption=f"{cfg.control.name}, {cfg.sampler.name}")
+    for path in job.pictures:  # e.g. SMC's ESS over time
+        tracker.image(path.stem, path, caption=path.stem)
     save_checkpoint(out / "results.pt", {k: v.detach().cpu() for k, v in tensors.items()})
     return {"task": "controllable", "control": cfg.control.name, "sampler": cfg.sampler.name,
             "num_images": cfg.num_images, **metrics}

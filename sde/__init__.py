@@ -5,9 +5,19 @@ Subpackages: ``sde.samplers``, ``sde.nets``, ``sde.training``, ``sde.features``.
 """
 
 from .data import DATASETS, ArrayDataset, load_dataset
+from .editing import TimeWindow, sdedit
 from .guidance import NoiseConditionalClassifier, cfg_score, classifier_guided_score, train_classifier
 from .interpolation import INTERPOLATIONS, interpolate, lerp, slerp
-from .inverse import CONDITIONING_METHODS, colorize, dps_score, inpaint, replacement_score, solve_inverse, super_resolve
+from .inverse import (
+    CONDITIONING_METHODS,
+    colorize,
+    dps_score,
+    inpaint,
+    repaint,
+    replacement_score,
+    solve_inverse,
+    super_resolve,
+)
 from .likelihood import LikelihoodResult, bits_per_dim, dataset_bits_per_dim, decode, encode, log_likelihood
 from .losses import dequantize, dequantized, dsm_loss
 from .metrics import (
@@ -27,6 +37,7 @@ from .nets import MLP, UNet
 from .oracle import GaussianMixture
 from .samplers import SAMPLERS, SampleResult, sample
 from .sdes import SDE, VESDE, VPSDE, ReverseSDE, ScoreFn, SubVPSDE
+from .smc import SMCResult, smc_guidance, smc_inverse
 from .training import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
@@ -45,6 +56,7 @@ __all__ = [
     # controllable generation
     "classifier_guided_score", "cfg_score", "NoiseConditionalClassifier", "train_classifier",
     "inpaint", "colorize", "super_resolve", "solve_inverse", "replacement_score", "dps_score", "CONDITIONING_METHODS",
+    "repaint", "smc_inverse", "smc_guidance", "SMCResult", "sdedit", "TimeWindow",
     # metrics
     "FeatureStats", "RunningStats", "frechet_distance", "kernel_inception_distance", "inception_score", "mmd",
     "energy_distance", "sliced_wasserstein", "gaussian_kl", "gaussian_w2",

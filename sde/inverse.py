@@ -50,6 +50,7 @@ from ._checks import (
 )
 from .flow import tweedie
 from .sdes import SDE, ScoreFn
+from .smc import _a_s, _em_kernel, _grid, _times, smc_inverse
 
 __all__ = [
     "Constraint",
@@ -59,6 +60,8 @@ __all__ = [
     "replacement_score",
     "dps_score",
     "project",
+    "repaint",
+    "repaint_schedule",
     "solve_inverse",
     "inpaint",
     "colorize",
@@ -115,8 +118,14 @@ def inpainting_constraint(y: Tensor, mask: Tensor) -> Constraint:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to y's shape {tuple(y.shape)}")
     if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
         raise ValueError("mask must hold only 0 and 1 (1 = known pixel)")
-    m = mask.to(device=y.device, dtype=y.dtype)
-    return Constraint(lambda x: x * m, y * m)
+    m = mask.to(device=y.device, dtype=y.dtype).expand(y.shape)
+
+    def project(x: Tensor) -> Tensor:  # x may stack several copies of the batch (SMC particles: K * B rows)
+        if x.shape[0] == m.shape[0] or x.shape[1:] != m.shape[1:] or x.shape[0] % m.shape[0]:
+            return x * m
+        return (x.view(-1, *m.shape) * m).view(x.shape)
+
+    return Constraint(project, y * m)
 
 
 def _channel_mean(x: Tensor) -> Tensor:
@@ -255,22 +264,141 @@ def dps_score(score_fn: ScoreFn, sde: SDE, constraint: Constraint, zeta: float =
     return guided
 
 
-def _replacement(score_fn: ScoreFn, sde: SDE, constraint: Constraint, **_: Any) -> ScoreFn:
-    return replacement_score(score_fn, sde, constraint)
-
-
-def _dps(score_fn: ScoreFn, sde: SDE, constraint: Constraint, *, zeta: float = 1.0) -> ScoreFn:
-    return dps_score(score_fn, sde, constraint, zeta)
-
-
-CONDITIONING_METHODS: dict[str, Callable[..., ScoreFn]] = {"replacement": _replacement, "dps": _dps}
-
-
 def project(x: Tensor, constraint: Constraint) -> Tensor:
     """``x - P x + b``: keep x's unknown part, set the known part to the measurement."""
     P, b = constraint
     _check_batch(x, b)
     return x - P(x) + b.to(x)
+
+
+# -- RePaint (Lugmayr et al. 2022) ---------------------------------------------------------------
+def repaint_schedule(steps: int, jump_length: int, resample: int) -> list[int]:
+    """RePaint's walk over grid indices 0 (t = T) .. steps (t = eps) (Lugmayr et al. 2022, Alg. 1).
+
+    Every ``jump_length`` steps down (except at the end) the walk goes back up ``jump_length``
+    steps and down again, ``resample - 1`` times; ``resample = 1`` is the plain descent.
+
+    Args:
+        steps: grid intervals >= 1.
+        jump_length: steps per jump back, >= 1.
+        resample: passes over each stretch, >= 1 (the paper's r).
+
+    Returns:
+        The visited indices, starting at 0 and ending at ``steps``.
+    """
+    check_int("steps", steps, 1)
+    check_int("jump_length", jump_length, 1)
+    check_int("resample", resample, 1)
+    walk, i, jumps = [0], 0, {}
+    while i < steps:
+        i += 1
+        walk.append(i)
+        if i % jump_length == 0 and i < steps and jumps.get(i, 0) < resample - 1:
+            jumps[i] = jumps.get(i, 0) + 1
+            walk.extend(range(i - 1, i - jump_length - 1, -1))
+            i -= jump_length
+    return walk
+
+
+def repaint(
+    score_fn: ScoreFn,
+    sde: SDE,
+    constraint: Constraint,
+    *,
+    steps: int = 250,
+    jump_length: int = 10,
+    resample: int = 10,
+    eps: float | None = None,
+    denoise_final: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+):
+    """RePaint (Lugmayr et al. 2022, Alg. 1) for P x_0 = b with the reverse Euler-Maruyama step.
+
+    Going down t -> s: the unknown part takes the model's reverse step, the known part is a fresh
+    draw alpha_s b + sigma_s P z. Going up s -> t (the resampling jumps): the exact forward kernel
+    x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2) z, which
+    lets the known part's information reach the unknown part. Still biased (docs/controllable.md).
+
+    Args:
+        score_fn: unconditional score ``(x, t)``.
+        sde: the forward SDE.
+        constraint: the measurement.
+        steps: grid intervals from T to eps (uniform in t).
+        jump_length: steps per jump back (the paper's j).
+        resample: passes over each stretch (the paper's r; 1 = replacement with fresh known noise).
+        eps: end time (default 1e-3; 1e-5 for VE).
+        denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call).
+        generator: source of all randomness.
+        callback: ``callback({"i", "t", "x", "x0_hat"})`` after each step down.
+        progress: show a tqdm bar.
+
+    Returns:
+        SampleResult(x projected, nfe = steps down + denoise_final, "repaint", options).
+    """
+    from .samplers import SampleResult  # imported here: the sampler registry imports nothing from us
+
+    P, b = constraint
+    ts, walk = _grid(sde, steps, eps), repaint_schedule(steps, jump_length, resample)
+    x, nfe = sde.prior_sampling(b.shape, generator=generator, device=b.device, dtype=b.dtype), 0
+    a_s = [_a_s(sde, t, b) for t in ts]  # (alpha, sigma) on the grid
+    for n, (i, j) in enumerate(zip(walk[:-1], walk[1:])):
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if j < i:  # jump back up: the forward kernel from ts[i] to ts[j]
+            ratio = a_s[j][0] / a_s[i][0]
+            x = ratio * x + math.sqrt(max(a_s[j][1] ** 2 - (ratio * a_s[i][1]) ** 2, 0.0)) * z
+            continue
+        score = score_fn(x, _times(ts[i], x))
+        nfe += 1
+        m, v = _em_kernel(sde, score, x, ts[i], ts[j])
+        free = m + math.sqrt(v) * z
+        x = free - P(free) + a_s[j][0] * b + a_s[j][1] * P(z)
+        if callback is not None:
+            callback({"i": n, "t": _times(ts[j], x), "x": x, "x0_hat": None})
+    if denoise_final:
+        x = tweedie(sde, x, _times(ts[-1], x), score_fn(x, _times(ts[-1], x)))
+        nfe += 1
+    opts = dict(steps=steps, jump_length=jump_length, resample=resample, eps=ts[-1], denoise_final=denoise_final)
+    return SampleResult(project(x, constraint), nfe, "repaint", opts)
+
+
+# -- the registry: every method solves P x = b and returns a result whose x is projected ---------------
+def _with_sampler(wrap: Callable[..., ScoreFn], *keys: str) -> Callable[..., Any]:
+    """A score-wrapper method run by any registered sampler, then projected."""
+
+    def solve(score_fn: ScoreFn, sde: SDE, constraint: Constraint, *, sampler: str | None = None,
+              generator: torch.Generator | None = None, **options: Any):
+        from .samplers import sample  # imported here: the sampler registry imports nothing from us
+
+        cond = wrap(score_fn, sde, constraint, **{k: options.pop(k) for k in keys if k in options})
+        b = constraint.target
+        x_T = sde.prior_sampling(b.shape, generator=generator, device=b.device, dtype=b.dtype)
+        result = sample(cond, sde, x_T, sampler=sampler or "pc", generator=generator, **options)
+        return _with_x(result, project(result.x, constraint))
+
+    return solve
+
+
+def _own_loop(run: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A method with its own reverse loop (EM kernel): no ``sampler`` choice."""
+
+    def solve(score_fn: ScoreFn, sde: SDE, constraint: Constraint, *, sampler: str | None = None,
+              generator: torch.Generator | None = None, **options: Any):
+        if sampler is not None:
+            raise ValueError(f"conditioning={name!r} runs its own reverse Euler-Maruyama loop; "
+                             f"sampler={sampler!r} cannot be used with it (leave sampler unset)")
+        return run(score_fn, sde, constraint, generator=generator, **options)
+
+    return solve
+
+
+CONDITIONING_METHODS: dict[str, Callable[..., Any]] = {
+    "replacement": _with_sampler(replacement_score),  # biased (conditions on the noisy known part)
+    "dps": _with_sampler(dps_score, "zeta"),  # biased (Tweedie plug-in likelihood)
+    "repaint": _own_loop(repaint, "repaint"),  # biased, less so with more resampling
+    "smc": _own_loop(smc_inverse, "smc"),  # asymptotically exact as particles grow
+}
 
 
 # -- convenience: build, sample, project --------------------------------------------------------
@@ -280,41 +408,40 @@ def solve_inverse(
     constraint: Constraint,
     *,
     conditioning: str = "replacement",
-    sampler: str = "pc",
-    zeta: float = 1.0,
+    sampler: str | None = None,
     generator: torch.Generator | None = None,
-    **sampler_options: Any,
+    **options: Any,
 ):
-    """Sample x ~ p(x | P x = b) approximately with any registered sampler.
+    """Sample x ~ p(x | P x = b) with a method of ``CONDITIONING_METHODS``; known part kept exactly.
 
-    Draws x_T from the prior (shape, dtype and device of ``constraint.target``), runs
-    ``sde.samplers.sample`` with the conditional score of ``conditioning``, then ``project``s.
+    "replacement" and "dps" are score wrappers run by any registered sampler (x_T drawn from the
+    prior with the shape, dtype and device of ``constraint.target``); "repaint" and "smc" run
+    their own reverse Euler-Maruyama loop. Every result is ``project``ed: P x = b exactly.
 
     Args:
         score_fn: unconditional score model.
         sde: the forward SDE.
         constraint: the measurement.
-        conditioning: "replacement" or "dps" (see ``CONDITIONING_METHODS``); not called
-            ``method`` because the "ode" sampler has an option of that name.
-        sampler: any name in ``sde.samplers.SAMPLERS``.
-        zeta: DPS strength (ignored by "replacement").
-        generator: drives the prior draw and the sampler's noise.
-        **sampler_options: passed to the sampler (steps, eps, ...).
+        conditioning: "replacement", "dps", "repaint" or "smc"; not called ``method``
+            because the "ode" sampler has an option of that name.
+        sampler: for "replacement" / "dps": any name in ``sde.samplers.SAMPLERS`` (default "pc");
+            must stay None for "repaint" and "smc".
+        generator: drives every random draw.
+        **options: the method's own options, then the sampler's: "dps" takes ``zeta``;
+            "repaint" ``steps, jump_length, resample, eps``; "smc" ``particles, ess_threshold,
+            steps, eps, noise_std`` (``sde.smc.smc_inverse``); the rest go to the sampler
+            (an option nobody takes raises TypeError).
 
     Returns:
-        The sampler's SampleResult with ``x`` replaced by the projected samples.
+        A SampleResult (an ``sde.smc.SMCResult`` for "smc") whose ``x`` has the target's shape.
 
     Raises:
-        ValueError: unknown conditioning or sampler.
+        ValueError: unknown conditioning or sampler, a sampler given to "repaint" / "smc", or
+            the method's own checks (zeta <= 0, particles < 1, ess_threshold outside (0, 1], ...).
     """
-    from .samplers import sample  # imported here: the sampler registry imports nothing from us
-
     check_choice("conditioning", conditioning, CONDITIONING_METHODS)
-    cond = CONDITIONING_METHODS[conditioning](score_fn, sde, constraint, zeta=zeta)
-    b = constraint.target
-    x_T = sde.prior_sampling(b.shape, generator=generator, device=b.device, dtype=b.dtype)
-    result = sample(cond, sde, x_T, sampler=sampler, generator=generator, **sampler_options)
-    return _with_x(result, project(result.x, constraint))
+    return CONDITIONING_METHODS[conditioning](score_fn, sde, constraint, sampler=sampler, generator=generator,
+                                              **options)
 
 
 def _with_x(result: Any, x: Tensor) -> Any:

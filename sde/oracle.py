@@ -207,6 +207,146 @@ class GaussianMixture:
         second = torch.einsum("k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None, :])
         return second - torch.outer(mu, mu)
 
+    # -- exact posteriors (ground truth of inpainting, inverse problems and guidance) -------------
+    def condition(
+        self,
+        *,
+        mask: Tensor | None = None,
+        values: Tensor | None = None,
+        A: Tensor | None = None,
+        y: Tensor | None = None,
+        noise_std: float = 0.0,
+    ) -> GaussianMixture:
+        """The exact posterior of x given an observation: again a Gaussian mixture.
+
+        Two observations are closed form:
+
+        - observed coordinates, ``mask`` (D,) of 0/1 (1 = observed) with ``values`` (D,): with
+          ``noise_std == 0`` the law of the UNOBSERVED coordinates (a mixture in D - |mask| dims,
+          in their order), x_U | x_O = values_O; with ``noise_std > 0`` the observation is
+          values_O = x_O + noise and the posterior lives in all D dims;
+        - a linear Gaussian observation ``y = A x + noise``, noise ~ N(0, noise_std^2 I), noise_std > 0.
+
+        Each component k becomes N(mu_k + G_k (y - A mu_k), Sigma_k - G_k A Sigma_k) with gain
+        G_k = Sigma_k A^T S_k^-1, S_k = A Sigma_k A^T + noise_std^2 I, and its weight becomes
+        proportional to w_k N(y; A mu_k, S_k) (the component's evidence).
+
+        Args:
+            mask: (D,) 0/1 or bool tensor of observed coordinates (with ``values``).
+            values: (D,) observed values; entries where mask == 0 are ignored.
+            A: (M, D) observation matrix (with ``y``), instead of mask/values.
+            y: (M,) observation.
+            noise_std: observation noise std >= 0 (> 0 for ``A``).
+
+        Returns:
+            The posterior mixture (float64 arithmetic, cast back to the mixture's dtype).
+
+        Raises:
+            ValueError: neither or both observation kinds, shapes that do not match D, a mask
+                that is not 0/1, observes nothing or everything (noiseless), or noise_std < 0
+                (or == 0 with ``A``).
+        """
+        noise_std = float(noise_std)
+        if not math.isfinite(noise_std) or noise_std < 0:
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        if (mask is None) == (A is None):
+            raise ValueError("give exactly one observation: mask with values, or A with y")
+        if mask is not None:
+            A, y, keep = self._mask_observation(mask, values, noise_std)
+        else:
+            A = torch.as_tensor(A, dtype=torch.float64, device=self.means.device)
+            if A.dim() != 2 or A.shape[1] != self.D:
+                raise ValueError(f"A must have shape (M, D) with D = {self.D}, got {tuple(A.shape)}")
+            y = self._vector("y", y, A.shape[0])
+            if noise_std == 0:
+                raise ValueError("noise_std must be > 0 for a general A (the noiseless posterior is singular); "
+                                 "use mask/values for noiseless observed coordinates")
+            keep = None
+        return self._linear_posterior(A, y, noise_std, keep)
+
+    def _vector(self, name: str, v: Tensor | None, n: int) -> Tensor:
+        if v is None:
+            raise ValueError(f"{name} is required with this observation")
+        v = torch.as_tensor(v, dtype=torch.float64, device=self.means.device)
+        if v.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(v.shape)}")
+        return v
+
+    def _mask_observation(self, mask: Tensor, values: Tensor | None, noise_std: float):
+        m = torch.as_tensor(mask, device=self.means.device)
+        if m.shape != (self.D,):
+            raise ValueError(f"mask must have shape (D,) = ({self.D},), got {tuple(m.shape)}")
+        if m.dtype != torch.bool and not ((m == 0) | (m == 1)).all():
+            raise ValueError("mask must hold only 0 and 1 (1 = observed coordinate)")
+        m = m.bool()
+        n_obs = int(m.sum())
+        if n_obs == 0 or (noise_std == 0 and n_obs == self.D):
+            raise ValueError(f"mask observes {n_obs} of {self.D} coordinates; a noiseless mask must observe "
+                             f"some but not all")
+        values = self._vector("values", values, self.D)
+        A = torch.eye(self.D, dtype=torch.float64, device=self.means.device)[m]
+        return A, values[m], (None if noise_std > 0 else ~m)
+
+    def _linear_posterior(self, A: Tensor, y: Tensor, noise_std: float, keep: Tensor | None) -> GaussianMixture:
+        """Condition every component on y = A x + N(0, noise_std^2); keep only coordinates ``keep``."""
+        mu, cov = self.means.to(torch.float64), self.covs.to(torch.float64)
+        S = A @ cov @ A.T + noise_std**2 * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)  # (K, M, M)
+        gain = torch.linalg.solve(S, A @ cov).transpose(-1, -2)  # Sigma A^T S^-1 (S symmetric), (K, D, M)
+        resid = y - mu @ A.T  # (K, M)
+        means = mu + torch.einsum("kdm,km->kd", gain, resid)
+        covs = cov - gain @ A @ cov
+        chol = torch.linalg.cholesky(S)
+        z = torch.linalg.solve_triangular(chol, resid[..., None], upper=False)[..., 0]
+        log_ev = -0.5 * z.pow(2).sum(-1) - torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        weights = torch.softmax(torch.log(self.weights.to(torch.float64)) + log_ev, dim=0).clamp_min(1e-300)
+        weights = weights / weights.sum()  # a component may be (numerically) ruled out, never exactly 0
+        if keep is not None:
+            means, covs = means[:, keep], covs[:, keep][:, :, keep]
+        covs = 0.5 * (covs + covs.transpose(-1, -2))
+        dt = self.means.dtype
+        return GaussianMixture(means.to(dt), covs.to(dt), weights=weights.to(dt))
+
+    def class_log_posterior(
+        self, x: Tensor, classes: Tensor, sde: SDE | None = None, t: float | Tensor | None = None
+    ) -> Tensor:
+        """log p_t(class = c | x_t), shape (B, C), where class ``classes[k]`` groups components k.
+
+        With ``classes = arange(K)`` this is ``log(posterior)``. It is the ideal noise-conditional
+        classifier of class guidance: ``lambda x, t: gm.class_log_posterior(x, classes, sde, t)``
+        is a valid ``classifier(x, t)`` returning logits (differentiable in x).
+
+        Args:
+            x: (B, D) points.
+            classes: (K,) integer class id of each component; every id 0 .. C-1 is used.
+            sde: the SDE of the diffused marginal p_t (p_0 without it).
+            t: the time of p_t.
+
+        Raises:
+            ValueError: classes is not a (K,) integer tensor using every id 0 .. C-1.
+        """
+        classes = self._check_classes(classes).to(x.device)
+        logp = torch.log_softmax(self.component_log_prob(x, sde, t), dim=1)
+        C = int(classes.max()) + 1
+        return torch.stack([torch.logsumexp(logp[:, classes == c], dim=1) for c in range(C)], dim=1)
+
+    def given_class(self, c: int, classes: Tensor) -> GaussianMixture:
+        """The exact class-conditional law p_0(x | class = c): its components, reweighted."""
+        classes = self._check_classes(classes)
+        check_int("c", c, 0)
+        keep = classes == c
+        if not keep.any():
+            raise ValueError(f"c={c} is not a class; classes holds ids {sorted(set(classes.tolist()))}")
+        w = self.weights[keep] / self.weights[keep].sum()
+        return GaussianMixture(self.means[keep], self.covs[keep], weights=w)
+
+    def _check_classes(self, classes: Tensor) -> Tensor:
+        classes = torch.as_tensor(classes, device=self.means.device)
+        if classes.shape != (self.K,) or classes.is_floating_point() or int(classes.min()) < 0:
+            raise ValueError(f"classes must be a ({self.K},) tensor of integer class ids >= 0, got {classes!r:.80}")
+        if set(classes.tolist()) != set(range(int(classes.max()) + 1)):
+            raise ValueError(f"classes must use every id 0 .. {int(classes.max())}, got {classes.tolist()}")
+        return classes.long()
+
     def __repr__(self) -> str:
         kind = "diagonal" if self.is_diagonal else "full"
         return f"GaussianMixture(K={self.K}, D={self.D}, {kind} covariances, dtype={self.means.dtype})"

@@ -90,7 +90,8 @@ def _inpaint_gaussian(gm, sde, y_known, n, method, generator, zeta=1.0, callback
     y = torch.zeros(n, 4, dtype=F64)
     y[:, K_IDX] = y_known
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64)
-    out = inpaint(gm.score_fn(sde), sde, y, mask, conditioning=method, zeta=zeta, sampler="euler_maruyama",
+    opts = {"zeta": zeta} if method == "dps" else {}
+    out = inpaint(gm.score_fn(sde), sde, y, mask, conditioning=method, **opts, sampler="euler_maruyama",
                   steps=200, generator=generator, callback=callback)
     assert torch.equal(out.x[:, K_IDX], y[:, K_IDX])  # known pixels kept exactly
     return out.x[:, U_IDX]
@@ -187,7 +188,7 @@ def test_bad_inputs_error_clearly():
         project(torch.zeros(2, 3, 8, 8, dtype=F64), con)
     with pytest.raises(ValueError, match="zeta must be a finite number > 0"):
         dps_score(score, sde, con, zeta=0.0)
-    with pytest.raises(ValueError, match="conditioning='exact' is not supported"):
+    with pytest.raises(ValueError, match="conditioning='exact' is not supported.*'repaint', 'replacement', 'smc'"):
         solve_inverse(score, sde, con, conditioning="exact")
     with pytest.raises(ValueError, match="sampler"):
         solve_inverse(score, sde, con, sampler="nope")

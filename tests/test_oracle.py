@@ -118,3 +118,67 @@ def test_wrong_feature_count():
         gm.log_prob(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="k must be in"):
         gm.component(5)
+
+def _mixture2d() -> GaussianMixture:
+    means = torch.tensor([[-2.0, -1.0], [1.5, 1.0], [0.5, -2.5]], dtype=F64)
+    covs = torch.tensor([[[0.5, 0.3], [0.3, 0.4]], [[0.4, -0.2], [-0.2, 0.5]], [[0.3, 0.0], [0.0, 0.2]]], dtype=F64)
+    return GaussianMixture(means, covs, weights=torch.tensor([0.5, 0.3, 0.2], dtype=F64))
+
+
+# -- the oracle's exact posteriors -------------------------------------------------------------------
+def test_condition_on_coordinates_matches_numerical_integration():
+    gm = _mixture2d()
+    post = gm.condition(mask=torch.tensor([1, 0]), values=torch.tensor([0.7, 0.0], dtype=F64))
+    grid = torch.linspace(-8, 8, 4001, dtype=F64)
+    joint = gm.log_prob(torch.stack([torch.full_like(grid, 0.7), grid], 1)).exp()
+    dens = joint / torch.trapezoid(joint, grid)  # p(x1 | x0 = 0.7) by quadrature
+    torch.testing.assert_close(post.log_prob(grid[:, None]).exp(), dens, atol=1e-8, rtol=1e-6)
+    # The weights are the components' posteriors given x0 = 0.7 (marginal of coordinate 0 only).
+    marg = GaussianMixture(gm.means[:, :1], gm.covs[:, :1, :1], weights=gm.weights)
+    torch.testing.assert_close(post.weights, marg.posterior(torch.tensor([[0.7]], dtype=F64))[0])
+
+
+def test_condition_on_linear_gaussian_observation_matches_quadrature():
+    gm = _mixture2d()
+    A, y, s = torch.tensor([[1.0, -0.6]], dtype=F64), torch.tensor([0.4], dtype=F64), 0.3
+    post = gm.condition(A=A, y=y, noise_std=s)
+    u = torch.linspace(-7, 7, 561, dtype=F64)
+    pts = torch.cartesian_prod(u, u)
+    w = (gm.log_prob(pts) - 0.5 * ((pts @ A.T)[:, 0] - y) ** 2 / s**2).exp()
+    w = w / w.sum()
+    mean = w @ pts
+    cov = (pts - mean).T @ ((pts - mean) * w[:, None])
+    torch.testing.assert_close(post.mean(), mean, atol=1e-6, rtol=0)
+    torch.testing.assert_close(post.covariance(), cov, atol=1e-6, rtol=0)
+    # Noisy observed coordinates are the same as A = rows of the identity.
+    a = gm.condition(mask=torch.tensor([0, 1]), values=torch.tensor([0.0, 0.4], dtype=F64), noise_std=s)
+    b = gm.condition(A=torch.tensor([[0.0, 1.0]], dtype=F64), y=torch.tensor([0.4], dtype=F64), noise_std=s)
+    torch.testing.assert_close(a.means, b.means)
+    torch.testing.assert_close(a.weights, b.weights)
+
+
+def test_class_posterior_and_class_conditional_law():
+    gm, classes = _mixture2d(), torch.tensor([0, 0, 1])
+    x = torch.randn(7, 2, dtype=F64)
+    sde = VPSDE()
+    post = gm.posterior(x, sde, 0.3)
+    expected = torch.stack([post[:, :2].sum(1), post[:, 2]], 1)
+    torch.testing.assert_close(gm.class_log_posterior(x, classes, sde, 0.3).exp(), expected)
+    given = gm.given_class(0, classes)
+    torch.testing.assert_close(given.weights, torch.tensor([0.625, 0.375], dtype=F64))
+
+
+def test_condition_bad_inputs():
+    gm = _mixture2d()
+    with pytest.raises(ValueError, match="exactly one observation"):
+        gm.condition()
+    with pytest.raises(ValueError, match=r"mask must have shape \(D,\) = \(2,\)"):
+        gm.condition(mask=torch.ones(3), values=torch.zeros(3))
+    with pytest.raises(ValueError, match="observes 2 of 2"):
+        gm.condition(mask=torch.ones(2), values=torch.zeros(2))
+    with pytest.raises(ValueError, match="noise_std must be > 0 for a general A"):
+        gm.condition(A=torch.ones(1, 2), y=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"A must have shape \(M, D\)"):
+        gm.condition(A=torch.ones(1, 3), y=torch.zeros(1), noise_std=0.1)
+    with pytest.raises(ValueError, match="noise_std must be a finite number >= 0"):
+        gm.condition(A=torch.ones(1, 2), y=torch.zeros(1), noise_std=-1.0)

@@ -1,0 +1,377 @@
+"""Sequential Monte Carlo over the reverse diffusion: conditional sampling that converges to the
+exact posterior as the number of particles K grows (docs/controllable.md, "SMC").
+
+Both samplers run a Feynman-Kac particle filter along the discretized reverse chain
+T = t_N > ... > t_0 = eps with the model's Euler-Maruyama kernel
+p(x_s | x_t) = N(x_t - reverse_drift(x_t, t) (t - s), g(t)^2 (t - s) I) and a positive twisting
+function h_t. The target at t_i is p_model(x_{t_N:t_i}) h_{t_i}(x_{t_i}); the final twist h_eps is
+the exact likelihood, so the weighted particles target p_model(x_eps) h_eps(x_eps), the posterior,
+for ANY intermediate twists (these only change the variance). Resampling is systematic, per
+condition, when the normalized effective sample size falls below ``ess_threshold``.
+
+- ``smc_inverse``: a measurement P x_0 = b (P an orthogonal projector: inpainting, colorization,
+  super-resolution; optional noise on range(P)). Twist g_t(x) = N(P x; alpha_t b, r_t^2 I) with
+  r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2, the law of the noised measurement (MCGdiff, Cardoso
+  et al. 2023, noiseless and noisy cases). Kernel and twist are Gaussian, so the locally optimal
+  proposal and its weight are closed form (a fully adapted filter).
+- ``smc_guidance``: a class y with a noise-conditional classifier p_t(y | x_t) as the twist and
+  the classifier-guided kernel as the proposal (the twisted diffusion sampler, Wu et al. 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import as_time, check_int, check_open_interval, check_tensor
+from .flow import reverse_drift, tweedie
+from .samplers import default_eps
+from .sdes import SDE, ScoreFn
+
+__all__ = ["SMCResult", "smc_inverse", "smc_guidance", "systematic_resample", "effective_sample_size"]
+
+State = dict[str, Tensor]  # tensors with leading dim K * B, particle k of condition b at row k * B + b
+
+
+@dataclass
+class SMCResult:
+    """What an SMC sampler returns.
+
+    Attributes:
+        x: (B, ...) one posterior draw per condition, a uniform pick among ``samples``
+            (systematic resampling keeps E[copies of particle j] = K w_j, so it is particle j
+            with probability w_j), shaped like the measurement: what ``solve_inverse`` returns.
+        nfe: exact number of score evaluations (each on the whole K * B batch).
+        samples: (B, K, ...) equally weighted particles (the weighted ones, resampled once more).
+        particles: (B, K, ...) the final weighted particles; estimate E[f] by sum_k w_k f(x_k)
+            (lower variance than averaging ``samples``).
+        log_weights: (B, K) their normalized log weights (logsumexp over K is 0).
+        ess: (steps, B) normalized effective sample size ESS / K in (0, 1] after each step's reweighting.
+        resampled: (steps, B) whether each condition was resampled at each step.
+        sampler: "smc".
+        options: the options it ran with.
+    """
+
+    x: Tensor
+    nfe: int
+    samples: Tensor
+    particles: Tensor
+    log_weights: Tensor
+    ess: Tensor
+    resampled: Tensor
+    sampler: str = "smc"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# -- resampling ---------------------------------------------------------------------------------
+def effective_sample_size(log_w: Tensor) -> Tensor:
+    """Normalized ESS = (sum w)^2 / (K sum w^2) / ... in (0, 1] of (K, B) log weights, shape (B,)."""
+    w = torch.softmax(log_w, dim=0)
+    return 1.0 / (w.pow(2).sum(0) * log_w.shape[0])
+
+
+def systematic_resample(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Systematic resampling (Kitagawa 1996) of each column of (K, B) log weights.
+
+    Args:
+        log_w: (K, B) unnormalized log weights, one column per condition.
+        generator: draws the single uniform offset of each column.
+
+    Returns:
+        (K, B) ancestor indices in [0, K): column b holds, in order, the particles copied.
+    """
+    K, B = log_w.shape
+    cdf = torch.cumsum(torch.softmax(log_w.double(), dim=0), dim=0).T.contiguous()  # (B, K)
+    u = torch.rand(B, 1, generator=generator, device=log_w.device, dtype=torch.float64)
+    pos = (u + torch.arange(K, device=log_w.device, dtype=torch.float64)) / K  # (B, K), sorted
+    return torch.searchsorted(cdf, pos).clamp_max(K - 1).T
+
+
+def _resample(state: State, log_w: Tensor, threshold: float, generator) -> tuple[State, Tensor, Tensor, Tensor]:
+    """Resample the conditions whose ESS / K < threshold; returns (state, log_w, ess, resampled)."""
+    K, B = log_w.shape
+    ess = effective_sample_size(log_w)
+    need = ess < threshold
+    anc = systematic_resample(log_w, generator)  # drawn every step: the generator's use never depends on data
+    keep = torch.arange(K, device=log_w.device)[:, None].expand(K, B)
+    anc = torch.where(need[None], anc, keep)
+    cols = torch.arange(B, device=log_w.device)[None].expand(K, B)
+    state = {k: v.view(K, B, *v.shape[1:])[anc, cols].reshape(v.shape) for k, v in state.items()}
+    log_w = torch.where(need[None], torch.zeros_like(log_w), log_w)
+    return state, log_w, ess, need
+
+
+def _check_smc(particles: int, ess_threshold: float) -> None:
+    check_int("particles", particles, 1)
+    if isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float)) or not (
+        0.0 < ess_threshold <= 1.0
+    ):
+        raise ValueError(f"ess_threshold must lie in (0, 1] (resample when ESS / K falls below it), "
+                         f"got {ess_threshold!r}")
+
+
+def _grid(sde: SDE, steps: int, eps: float | None) -> list[float]:
+    check_int("steps", steps, 1)
+    eps = default_eps(sde) if eps is None else eps
+    check_open_interval("eps", eps, 0.0, sde.T)
+    return torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64).tolist()
+
+
+# -- the generic particle loop ----------------------------------------------------------------------
+Weigh = Callable[[State, float, float], tuple[State, Tensor]]
+Move = Callable[[State, float, float], State]
+
+
+def _run(state: State, log_w: Tensor, ts: list[float], weigh: Weigh, move: Move, *, K: int, threshold: float,
+         generator, callback, progress: bool) -> tuple[State, Tensor, Tensor, Tensor]:
+    """For each step t -> s: reweigh (incremental log weights), resample, move."""
+    ess_all, res_all = [], []
+    steps = range(len(ts) - 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="smc", leave=False)
+    for i in steps:
+        t, s = ts[i], ts[i + 1]
+        state, incr = weigh(state, t, s)
+        log_w = log_w + incr.view(log_w.shape)
+        state, log_w, ess, need = _resample(state, log_w, threshold, generator)
+        state = move(state, t, s)
+        ess_all.append(ess)
+        res_all.append(need)
+        if callback is not None:
+            B = log_w.shape[1]
+            x = state["x"]
+            callback({"i": i, "t": x.new_full((x.shape[0],), s), "x": x.view(K, B, *x.shape[1:]).transpose(0, 1),
+                      "x0_hat": state.get("x0_hat"), "ess": ess, "resampled": need})
+    return state, log_w, torch.stack(ess_all), torch.stack(res_all)
+
+
+def _finish(x: Tensor, log_w: Tensor, K: int, ess: Tensor, res: Tensor, nfe: int, generator, options) -> SMCResult:
+    B = log_w.shape[1]
+    cols = torch.arange(B, device=x.device)
+    xs = x.view(K, B, *x.shape[1:])
+    samples = xs[systematic_resample(log_w, generator), cols[None]].transpose(0, 1)  # (B, K, ...)
+    pick = torch.randint(K, (B,), generator=generator, device=x.device)
+    log_w = log_w - torch.logsumexp(log_w, dim=0, keepdim=True)
+    return SMCResult(samples[cols, pick], nfe, samples, xs.transpose(0, 1), log_w.T, ess, res, options=options)
+
+
+def _times(t: float, x: Tensor) -> Tensor:
+    """(N,) times sharing one element (a stride-0 view: score models compute time terms once)."""
+    return x.new_full((1,), t).expand(x.shape[0])
+
+
+def _em_var(sde: SDE, t: float, s: float, like: Tensor) -> float:
+    """Variance g(t)^2 (t - s) of the reverse Euler-Maruyama step t -> s < t."""
+    return float(sde.diffusion(as_time(t, like, sde.T, batch=1))[0]) ** 2 * (t - s)
+
+
+def _em_kernel(sde: SDE, score: Tensor, x: Tensor, t: float, s: float) -> tuple[Tensor, float]:
+    """Mean and variance of the reverse Euler-Maruyama step t -> s < t with a precomputed score."""
+    mean = x - reverse_drift(sde, lambda *_: score, x, _times(t, x)) * (t - s)
+    return mean, _em_var(sde, t, s, x)
+
+
+def _a_s(sde: SDE, t: float, like: Tensor) -> tuple[float, float]:
+    tt = as_time(t, like, sde.T, batch=1)
+    return float(sde.alpha(tt)[0]), float(sde.sigma(tt)[0])
+
+
+# -- inverse problems -------------------------------------------------------------------------
+def smc_inverse(
+    score_fn: ScoreFn,
+    sde: SDE,
+    constraint: Any,
+    *,
+    particles: int = 16,
+    ess_threshold: float = 0.5,
+    steps: int = 500,
+    eps: float | None = None,
+    noise_std: float = 0.0,
+    denoise_final: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+) -> SMCResult:
+    """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with the EM kernel.
+
+    Twist g_t(x) = N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2. With the
+    EM kernel N(m, v I), the proposal is the kernel times g_s (closed form: the known part is
+    N((r_s^2 P m + v alpha_s b) / (v + r_s^2), v r_s^2 / (v + r_s^2)), the rest moves as the
+    kernel) and the incremental weight N(P m; alpha_s b, (v + r_s^2) I) / g_t(x_t) depends on x_t
+    only, so particles are reweighted and resampled before they move. The last step targets
+    p_model(x_eps) g_eps(x_eps) -> p(x_0 | b) as eps -> 0 (noiseless: P x_eps pinned to alpha b
+    within sigma_eps); the final Tweedie denoise and projection keep P x = b exactly.
+
+    Args:
+        score_fn: unconditional score ``(x, t)``; called on batches of K * B particles.
+        sde: the forward SDE (any: VP, sub-VP, VE).
+        constraint: an ``sde.inverse.Constraint`` (project, target) with target (B, ...).
+        particles: K >= 1 particles per condition.
+        ess_threshold: resample a condition when ESS / K < ess_threshold, in (0, 1] (1 = always).
+        steps: reverse EM steps on a uniform grid from T to eps.
+        eps: end time (default 1e-3; 1e-5 for VE).
+        noise_std: std of Gaussian noise on the measured part (0 = exact measurement).
+        denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call) and the projection.
+        generator: source of all randomness (prior, moves, resampling).
+        callback: ``callback(info)`` after each step: "i", "t", "x" (B, K, ...), "ess" (B,), "resampled" (B,).
+        progress: show a tqdm bar.
+
+    Returns:
+        SMCResult; ``nfe`` = steps + denoise_final.
+
+    Raises:
+        ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps
+            outside (0, T), noise_std < 0, or a target that is not a float tensor.
+    """
+    _check_smc(particles, ess_threshold)
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not (
+        math.isfinite(noise_std) and noise_std >= 0
+    ):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    P, b = constraint
+    check_tensor("constraint.target", b, 1)
+    ts, K = _grid(sde, steps, eps), particles
+    bk = b.repeat(K, *([1] * (b.dim() - 1)))  # (K * B, ...)
+    calls = [0]
+
+    def r2(t: float) -> float:
+        a, s = _a_s(sde, t, b)
+        return s**2 + a**2 * noise_std**2
+
+    def log_g(x: Tensor, t: float, var: float) -> Tensor:
+        return -(P(x) - _a_s(sde, t, b)[0] * bk).flatten(1).pow(2).sum(1) / (2 * var)
+
+    def weigh(st: State, t: float, s: float) -> tuple[State, Tensor]:
+        x = st["x"]
+        score = score_fn(x, _times(t, x))
+        calls[0] += 1
+        m, v = _em_kernel(sde, score, x, t, s)
+        return {"x": x, "m": m}, log_g(m, s, v + r2(s)) - log_g(x, t, r2(t))
+
+    def move(st: State, t: float, s: float) -> State:
+        m, v = st["m"], _em_var(sde, t, s, st["m"])
+        z = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
+        rs2 = r2(s)
+        known = (rs2 * P(m) + v * _a_s(sde, s, b)[0] * bk) / (v + rs2) + math.sqrt(v * rs2 / (v + rs2)) * P(z)
+        free = m + math.sqrt(v) * z
+        return {"x": free - P(free) + known}
+
+    x = sde.prior_sampling(bk.shape, generator=generator, device=b.device, dtype=b.dtype)
+    log_w = log_g(x, ts[0], r2(ts[0])).view(K, -1)
+    state, log_w, ess, res = _run({"x": x}, log_w, ts, weigh, move, K=K, threshold=float(ess_threshold),
+                                  generator=generator, callback=callback, progress=progress)
+    x = state["x"]
+    if denoise_final:
+        tt = x.new_full((x.shape[0],), ts[-1])
+        x = tweedie(sde, x, tt, score_fn(x, tt))
+        calls[0] += 1
+        if noise_std == 0:
+            x = x - P(x) + bk
+    options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
+                   denoise_final=denoise_final)
+    return _finish(x, log_w, K, ess, res, calls[0], generator, options)
+
+
+# -- class guidance ------------------------------------------------------------------------------
+def smc_guidance(
+    score_fn: ScoreFn,
+    sde: SDE,
+    shape: tuple[int, ...],
+    classifier: Callable[[Tensor, Tensor], Tensor],
+    y: int | Tensor,
+    *,
+    particles: int = 16,
+    ess_threshold: float = 0.5,
+    steps: int = 500,
+    eps: float | None = None,
+    denoise_final: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+) -> SMCResult:
+    """Twisted diffusion sampler (Wu et al. 2023, Alg. 1) for p(x_0 | y) with a noisy classifier.
+
+    Twist h_t(x) = p_t(y | x) from ``classifier(x, t)``; proposal: the EM kernel with the guided
+    mean m + v grad log h_t(x_t) (classifier guidance at scale 1); incremental weight
+    p(x_s | x_t) h_s(x_s) / (q(x_s | x_t) h_t(x_t)). The weighted particles target
+    p_model(x_eps) h_eps(x_eps): the exact class posterior when h_eps is the true p(y | x) (the
+    oracle's ``class_log_posterior``), whatever the classifier at larger t.
+
+    Args:
+        score_fn: unconditional score ``(x, t)``.
+        sde: the forward SDE.
+        shape: (B, ...) one condition per row of y.
+        classifier: ``(x, t) -> logits (N, C)`` (log p_t(y | x) is their log-softmax at y), or
+            ``(x, t) -> log p_t(y | x)`` of shape (N,); differentiable in x.
+        y: class id (int) or (B,) integer tensor.
+        particles: K >= 1 particles per condition.
+        ess_threshold: resample when ESS / K < ess_threshold, in (0, 1].
+        steps: reverse EM steps on a uniform grid from T to eps.
+        eps: end time (default 1e-3; 1e-5 for VE).
+        denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call).
+        generator: source of all randomness.
+        device: of the particles.
+        dtype: of the particles.
+        callback: as in ``smc_inverse``.
+        progress: show a tqdm bar.
+
+    Returns:
+        SMCResult; ``nfe`` = steps + denoise_final (the classifier runs once more than the steps).
+
+    Raises:
+        ValueError / TypeError: bad particles, ess_threshold, steps, eps, shape or class ids.
+    """
+    from .guidance import _check_labels, _labels_for, _num_classes
+
+    _check_smc(particles, ess_threshold)
+    shape = tuple(shape)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(f"shape must be a tuple of positive ints (B, ...), got {shape!r}")
+    y = _check_labels("smc_guidance", y, _num_classes(classifier), "classifier")
+    ts, K, B = _grid(sde, steps, eps), particles, shape[0]
+    x = sde.prior_sampling((K * B, *shape[1:]), generator=generator, device=device, dtype=dtype)
+    labels = _labels_for(y, x[:B]).repeat(K)
+    calls = [0]
+
+    def twist(x: Tensor, t: float) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            out = classifier(x_in, _times(t, x))
+            log_h = torch.log_softmax(out, 1).gather(1, labels[:, None])[:, 0] if out.dim() == 2 else out
+            grad = torch.autograd.grad(log_h.sum(), x_in)[0]
+        return log_h.detach(), grad
+
+    def weigh(st: State, t: float, s: float) -> tuple[State, Tensor]:
+        x = st["x"]
+        score = score_fn(x, _times(t, x))
+        calls[0] += 1
+        m, v = _em_kernel(sde, score, x, t, s)
+        mq = m + v * st["grad"]
+        x_s = mq + math.sqrt(v) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        log_pq = ((x_s - mq).flatten(1).pow(2).sum(1) - (x_s - m).flatten(1).pow(2).sum(1)) / (2 * v)
+        log_h, grad = twist(x_s, s)
+        x0 = tweedie(sde, x, _times(t, x), score)
+        return {"x": x_s, "log_h": log_h, "grad": grad, "x0_hat": x0}, log_h - st["log_h"] + log_pq
+
+    log_h, grad = twist(x, ts[0])
+    state = {"x": x, "log_h": log_h, "grad": grad}
+    state, log_w, ess, res = _run(state, log_h.view(K, B), ts, weigh, lambda st, t, s: st, K=K,
+                                  threshold=float(ess_threshold), generator=generator, callback=callback,
+                                  progress=progress)
+    x = state["x"]
+    if denoise_final:
+        tt = x.new_full((x.shape[0],), ts[-1])
+        x = tweedie(sde, x, tt, score_fn(x, tt))
+        calls[0] += 1
+    options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], denoise_final=denoise_final)
+    return _finish(x, log_w, K, ess, res, calls[0], generator, options)
+
