@@ -327,7 +327,8 @@ def run_edit(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     guide = make_guide(cfg.control, truth, job.generator)
     mask = None
     if cfg.control.get("keep") is not None:  # masked SDEdit: keep these pixels of the guide
-        mask = make_mask(OmegaConf.merge(cfg.control, {"mask": cfg.control.keep}), tuple(truth.shape),
+        keep = OmegaConf.create({**OmegaConf.to_container(cfg.control, resolve=True), "mask": cfg.control.keep})
+        mask = make_mask(keep, tuple(truth.shape),
                          job.generator, truth.device, truth.dtype)
     options = OmegaConf.to_container(cfg.sampler.options, resolve=True) if cfg.sampler.get("options") else {}
     with torch.no_grad():
