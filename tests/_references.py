@@ -50,9 +50,11 @@ def _coefs(sde, ts):
     return tt, sde.alpha(tt), sde.sigma(tt)
 
 
-def kdiffusion_run(fn, score_fn, sde, x_T, ts, noises=None, **kw):
-    """Run a k-diffusion sampler on sigma = sigma(t)/alpha(t) at our grid; returns x at ts[-1]."""
+def kdiffusion_run(fn, score_fn, sde, x_T, ts, noises=None, final_zero=False, **kw):
+    """Run a k-diffusion sampler on sigma = sigma(t)/alpha(t) at our grid; returns x at ts[-1] (or, with
+    ``final_zero``, after a last step to sigma = 0: the last x0 estimate)."""
     tt, a, s = _coefs(sde, ts)
+    sig = torch.cat([s / a, s.new_zeros(1)]) if final_zero else s / a
 
     def denoiser(xs, sigma):
         t = sde.t_from_log_snr(-2 * torch.log(sigma[:1])).clamp(max=sde.T).expand(xs.shape[0])
@@ -63,19 +65,21 @@ def kdiffusion_run(fn, score_fn, sde, x_T, ts, noises=None, **kw):
     if noises is not None:
         it = iter(noises)
         kw["noise_sampler"] = lambda s0, s1: next(it)
-    return fn(denoiser, x_T / a[0], s / a, disable=True, **kw) * a[-1]
+    out = fn(denoiser, x_T / a[0], sig, disable=True, **kw)
+    return out if final_zero else out * a[-1]
 
 
-def diffusers_run(scheduler, score_fn, sde, x_T, ts):
+def diffusers_run(scheduler, score_fn, sde, x_T, ts, final_zero=False):
     """Drive a diffusers multistep scheduler with sigmas = sigma(t)/alpha(t) at our grid.
 
     diffusers works on the VP-normalised variable x' = x a'/alpha with a' = 1/sqrt(1 + (sigma/alpha)^2);
-    the model output passed is the oracle's x0 estimate (prediction_type="sample")."""
-    n = len(ts) - 1
+    the model output passed is the oracle's x0 estimate (prediction_type="sample"). With ``final_zero`` the
+    last step goes to sigma = 0 (diffusers' final_sigmas_type="zero": the output is the last x0 estimate)."""
+    n = len(ts) - 1 + final_zero
     scheduler.set_timesteps(n)
     tt, a, s = _coefs(sde, ts)
     st = s / a
-    scheduler.sigmas = st.clone()
+    scheduler.sigmas = torch.cat([st, st.new_zeros(1)]) if final_zero else st.clone()
     scheduler.timesteps = torch.arange(n, 0, -1)
     ap = 1 / torch.sqrt(st**2 + 1)
     y = x_T * (ap[0] / a[0])
@@ -83,4 +87,4 @@ def diffusers_run(scheduler, score_fn, sde, x_T, ts):
         x = y * (a[i] / ap[i])
         x0 = (x + s[i] ** 2 * score_fn(x, tt[i].expand(x.shape[0]))) / a[i]
         y = scheduler.step(x0, scheduler.timesteps[i], y).prev_sample
-    return y * (a[n] / ap[n])
+    return y if final_zero else y * (a[-1] / ap[-1])

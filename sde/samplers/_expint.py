@@ -73,8 +73,9 @@ def check_prediction(prediction: str) -> str:
     return check_choice("prediction", prediction, PREDICTIONS)
 
 
-def step_order(order: int, i: int, steps: int, n_hist: int, lower_order_final: bool) -> int:
+def step_order(order: int, i: int, steps: int, n_hist: int, lower_order_final: bool, denoise_final: bool) -> int:
     """Order of multistep step i: at most the history available (warm-up) and, with
-    ``lower_order_final``, at most the number of steps left (as diffusers' multistep schedulers)."""
+    ``lower_order_final``, at most the number of steps left, the final Tweedie step counting as one (it is
+    diffusers' last step to sigma = 0, so both lower the same steps on the same grid)."""
     p = min(order, n_hist)
-    return min(p, steps - i) if lower_order_final else p
+    return min(p, steps - i + bool(denoise_final)) if lower_order_final else p

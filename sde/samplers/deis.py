@@ -111,7 +111,7 @@ def deis(
     order: int = 3,  # 1-3: the number of past outputs the polynomial goes through (Zhang & Chen: 3)
     prediction: str = "noise",  # "noise" (DEIS as published, eps_hat) or "data" (x0_hat)
     basis: str = "t",  # "t" (tAB-DEIS) or "log_snr" (polynomial in log-SNR, as diffusers' DEIS)
-    warmup: str = "lower_order",  # "lower_order" (order 1, 2, ... on the first steps) or "singlestep"
+    warmup: str = "singlestep",  # "singlestep" (first step DPM-Solver-2, +1 call) or "lower_order" (order 1, 2, ...)
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
     grid: Grid = "log_snr",  # name in GRIDS or the decreasing times themselves
     rho: float = 7.0,  # exponent of the "edm" grid
@@ -136,7 +136,7 @@ def deis(
         eps: end time of a named grid.
         grid: a name in GRIDS ("log_snr" default) or the decreasing times themselves.
         rho: exponent of the "edm" grid.
-        lower_order_final: cap the order of step i at steps - i.
+        lower_order_final: cap the order of step i at the steps left (the Tweedie final step counts as one).
         denoise_final: finish with Tweedie's formula at the end time (one extra score call).
 
     Returns:
@@ -166,7 +166,7 @@ def deis(
             if i == 0 and warmup == "singlestep" and order > 1 and steps > 1:
                 x = _midpoint_step(sde, score, x, m, coef[0], coef[1], prediction)
                 continue
-            p = step_order(order, i, steps, len(hist), lower_order_final)
+            p = step_order(order, i, steps, len(hist), lower_order_final, denoise_final)
             cs = deis_coefficients(sde, ts, i, p, prediction, basis)
             x = scale[i + 1] * (x / scale[i] + sum(c * mj for c, mj in zip(cs, hist)))
         if denoise_final:

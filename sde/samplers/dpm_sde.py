@@ -103,7 +103,7 @@ def dpm_solver_sde(
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
     grid: Grid = "log_snr",  # name in GRIDS or the decreasing times themselves
     rho: float = 7.0,  # exponent of the "edm" grid
-    lower_order_final: bool = True,  # as dpm_solver: lower the order of the final steps when steps < 10
+    lower_order_final: bool = False,  # as dpm_solver: lower the order of the final steps when steps < 10
     denoise_final: bool = True,  # one extra score call: Tweedie's E[x_0 | x_eps]
 ) -> SampleResult:
     """SDE-DPM-Solver++ 2M / 3M (Lu et al. 2022b, Alg. 2 with eta; eta = 0: DPM-Solver++ 2M / 3M).
@@ -150,7 +150,7 @@ def dpm_solver_sde(
             m = model_output(sde, score, x, ts[i], "data")
             emit(callback, i, times(ts[i], x), x, m)
             hist = (hist + [(m, coef[i][2])])[-3:]
-            p = step_order(order, i, steps, len(hist), lower_order_final and steps < 10)
+            p = step_order(order, i, steps, len(hist), lower_order_final and steps < 10, False)
             x = _sde_step(x, hist, coef[i], coef[i + 1], p, eta, solver_type)
             if eta > 0:
                 std = coef[i + 1][1] * math.sqrt(-math.expm1(-2.0 * eta * (coef[i + 1][2] - coef[i][2])))

@@ -127,7 +127,7 @@ def unipc(
         eps: end time of a named grid.
         grid: a name in GRIDS ("log_snr" default) or the decreasing times themselves.
         rho: exponent of the "edm" grid.
-        lower_order_final: cap the order of step i at steps - i (the last step is first order).
+        lower_order_final: cap the order of step i at the steps left (the Tweedie final step counts as one).
         denoise_final: finish with Tweedie's formula at the end time (one extra score call).
 
     Returns:
@@ -154,7 +154,7 @@ def unipc(
                 x = _update(last[0], hist, coef[i - 1], coef[i], last[1], prediction, variant, m)
             hist = (hist + [(m, coef[i][2])])[-order:]
             emit(callback, i, times(ts[i], x), x, lambda x=x, m=m, c=coef[i]: x0_of(x, m, c, prediction))
-            p = step_order(order, i, steps, len(hist), lower_order_final)
+            p = step_order(order, i, steps, len(hist), lower_order_final, denoise_final)
             last = (x, p)
             x = _update(x, hist, coef[i], coef[i + 1], p, prediction, variant, None)
         if denoise_final:
