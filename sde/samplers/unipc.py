@@ -117,7 +117,8 @@ def unipc(
         sde: the forward SDE (VPSDE, SubVPSDE, VESDE, ...).
         x_T: the starting point at t = T, batch first.
         generator: unused (the solver is deterministic); accepted for the shared signature.
-        callback: callback(info) after each score call, info = {"i", "t", "x", "x0_hat"}.
+        callback: callback(info) after each score call, info = {"i", "t", "x", "x0_hat"} (x: the predicted,
+            not yet corrected point the score was evaluated at).
         progress: show a tqdm bar.
         steps: number of solver steps (one score call each); default 20.
         order: predictor order p in {1, 2, 3}; the first steps use the history available.
@@ -150,10 +151,11 @@ def unipc(
     with torch.no_grad():
         for i in steps_iter(steps, progress, "unipc"):
             m = model_output(sde, score, x, ts[i], prediction)
+            # the callback sees the point the score was evaluated at (before UniC moves it)
+            emit(callback, i, times(ts[i], x), x, lambda x=x, m=m, c=coef[i]: x0_of(x, m, c, prediction))
             if corrector and last is not None:
                 x = _update(last[0], hist, coef[i - 1], coef[i], last[1], prediction, variant, m)
             hist = (hist + [(m, coef[i][2])])[-order:]
-            emit(callback, i, times(ts[i], x), x, lambda x=x, m=m, c=coef[i]: x0_of(x, m, c, prediction))
             p = step_order(order, i, steps, len(hist), lower_order_final, denoise_final)
             last = (x, p)
             x = _update(x, hist, coef[i], coef[i + 1], p, prediction, variant, None)
