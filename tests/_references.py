@@ -41,7 +41,12 @@ def load_kdiffusion_sampling(double_3m_d2: bool = False) -> types.ModuleType:
     sys.modules["_kdiff_ref"], sys.modules["_kdiff_ref.utils"] = pkg, utils
     mod = types.ModuleType("_kdiff_ref.sampling")
     mod.__package__ = "_kdiff_ref"
-    exec(compile(src, str(path), "exec"), mod.__dict__)
+    try:
+        exec(compile(src, str(path), "exec"), mod.__dict__)
+    except ImportError as err:  # its own imports (scipy, torchsde, tqdm) missing
+        import pytest
+
+        pytest.skip(f"k-diffusion's sampling.py cannot be loaded: {err}")
     return mod
 
 
