@@ -9,6 +9,7 @@ import torch
 
 from sde import VESDE, VPSDE, GaussianMixture, SubVPSDE
 from sde.samplers import CORRECTORS, GRIDS, PREDICTORS, SAMPLERS, sample, time_grid
+from sde.samplers.defaults import DDIM_GRID, per_sde
 
 F64 = torch.float64
 GM = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=F64), stds=0.3)
@@ -165,8 +166,8 @@ def test_bad_types():
 
 def test_registries_are_complete():
     assert set(SAMPLERS) == {"euler_maruyama", "reverse_diffusion", "ancestral", "pc", "ode", "ddim", "heun",
-                             "dpm_solver"}
-    assert set(PREDICTORS) == {"euler_maruyama", "reverse_diffusion", "ancestral"}
+                             "dpm_solver", "unipc", "deis", "dpm_solver_sde", "dpm_2s_ancestral"}
+    assert set(PREDICTORS) == {"euler_maruyama", "reverse_diffusion", "ancestral", "ancestral_posterior"}
     assert set(CORRECTORS) == {"none", "langevin", "annealed_langevin"}
 
 
@@ -214,7 +215,7 @@ EXPLICIT_CASES = [  # fixed-step samplers: a named grid and the same times given
 @pytest.mark.parametrize("name,opts", EXPLICIT_CASES)
 def test_explicit_grid_equals_named_grid(name, opts):
     sde = VPSDE()
-    grid = SAMPLERS[name].__kwdefaults__["grid"]
+    grid = SAMPLERS[name].__kwdefaults__["grid"] or per_sde(DDIM_GRID, sde, "log_snr")  # None: per-SDE default
     ts = time_grid(sde, opts["steps"], 1e-3, grid)
     x_T = sde.prior_sampling((16, 2), generator=torch.Generator().manual_seed(1), dtype=F64)
     named = sample(GM.score_fn(sde), sde, x_T, name, generator=torch.Generator().manual_seed(2), eps=1e-3, **opts)

@@ -21,12 +21,15 @@ from ..sdes import SDE, ScoreFn
 from ._base import Callback, SampleResult, default_eps
 from .correctors import CORRECTORS, annealed_langevin, langevin
 from .ddim import ddim
+from .deis import deis
+from .dpm_sde import dpm_2s_ancestral, dpm_solver_sde
 from .dpm_solver import dpm_solver
 from .grids import GRIDS, time_grid
 from .heun import heun
 from .ode import ode
 from .pc import ancestral, euler_maruyama, pc, reverse_diffusion
 from .predictors import PREDICTORS
+from .unipc import unipc
 
 SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "euler_maruyama": euler_maruyama,
@@ -37,6 +40,10 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "ddim": ddim,
     "heun": heun,
     "dpm_solver": dpm_solver,
+    "unipc": unipc,
+    "deis": deis,
+    "dpm_solver_sde": dpm_solver_sde,
+    "dpm_2s_ancestral": dpm_2s_ancestral,
 }
 
 
@@ -118,6 +125,10 @@ __all__ = [
     "ddim",
     "heun",
     "dpm_solver",
+    "unipc",
+    "deis",
+    "dpm_solver_sde",
+    "dpm_2s_ancestral",
     "euler_maruyama",
     "reverse_diffusion",
     "ancestral",

@@ -27,6 +27,7 @@ from ._base import (
     steps_iter,
     times,
 )
+from .defaults import DDIM_GRID, per_sde
 from .grids import Grid, sampler_grid
 
 
@@ -36,7 +37,7 @@ def ddim(
     steps: int | None = None,  # number of steps (= score calls before the final denoise); default 50
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
     eta: float = 0.0,  # 0: deterministic DDIM, 1: ancestral; in [0, 1]
-    grid: Grid = "uniform",  # name in GRIDS, or the decreasing times themselves (then steps/eps follow from it)
+    grid: Grid | None = None,  # name in GRIDS or the times themselves; None: per SDE (defaults.DDIM_GRID)
     rho: float = 7.0,  # exponent of the "edm" grid
     denoise_final: bool = True,  # one extra score call: Tweedie's E[x_0 | x_eps]
 ) -> SampleResult:
@@ -64,6 +65,7 @@ def ddim(
     eps = check_common(sde, x_T, steps, eps)
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta!r}")
+    grid = per_sde(DDIM_GRID, sde, "log_snr") if grid is None else grid
     ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=50)
     steps, eps = len(ts) - 1, ts[-1]
     options = dict(steps=steps, eps=eps, eta=eta, grid=grid, denoise_final=denoise_final)

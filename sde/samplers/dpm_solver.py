@@ -78,7 +78,7 @@ def dpm_solver(
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
     grid: Grid = "log_snr",  # name in GRIDS ("log_snr" is DPM-Solver's default) or the decreasing times themselves
     rho: float = 7.0,  # exponent of the "edm" grid
-    lower_order_final: bool = True,  # multistep: lower the order of the final steps when steps < 10 (as the reference)
+    lower_order_final: bool = False,  # multistep, steps < 10: lower the final orders (the reference's rule; worse here)
     warmup: str = "singlestep",  # multistep order 3: first step singlestep order 2 (+1 call); or "lower_order"
     denoise_final: bool = True,  # one extra score call: Tweedie's E[x_0 | x_eps]
 ) -> SampleResult:

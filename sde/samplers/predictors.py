@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -37,13 +38,18 @@ def reverse_diffusion(rsde: ReverseSDE, x: Tensor, t: float, s: float, score: Te
     return x - rev_f + bcast(G, x) * randn_like(x, generator)
 
 
-def ancestral(rsde: ReverseSDE, x: Tensor, t: float, s: float, score: Tensor, generator=None) -> Tensor:
-    """Ancestral sampling (Ho et al. 2020; Song & Ermon 2019): draw x_s from the Gaussian
+ANCESTRAL_VARIANCES = ("beta", "posterior")  # the two variances of Ho et al. 2020, sec. 3.2
+
+
+def ancestral(rsde: ReverseSDE, x: Tensor, t: float, s: float, score: Tensor, generator=None, *,
+              variance: str = "beta") -> Tensor:
+    """Ancestral sampling (Ho et al. 2020; Song & Ermon 2019): draw x_s around the mean of the Gaussian
     posterior q(x_s | x_t, x_0 = x0_hat) of the forward kernel, for any alpha/sigma.
 
     With a_ts = alpha_t/alpha_s and v_ts = sigma_t^2 - a_ts^2 sigma_s^2 (the transition variance):
-    mean = a_ts sigma_s^2/sigma_t^2 x + alpha_s v_ts/sigma_t^2 x0_hat, var = v_ts sigma_s^2/sigma_t^2.
-    For VE this is exactly SMLD's x + (sigma_t^2 - sigma_s^2) score.
+    mean = a_ts sigma_s^2/sigma_t^2 x + alpha_s v_ts/sigma_t^2 x0_hat; the variance is v_ts ("beta", DDPM's
+    sigma_t^2 = beta_t, the default: it measures better, see docs/fast-solvers.md) or the posterior's
+    v_ts sigma_s^2/sigma_t^2 ("posterior", DDPM's beta-tilde; for VE exactly SMLD's ancestral step).
     """
     sde = rsde.sde
     tt, ss = times(t, x), times(s, x)
@@ -52,12 +58,14 @@ def ancestral(rsde: ReverseSDE, x: Tensor, t: float, s: float, score: Tensor, ge
     v_ts = sig_t**2 - a_ts**2 * sig_s**2
     x0_hat = tweedie(sde, x, tt, score, alpha=bcast(a_t, x), sigma=bcast(sig_t, x))
     mean = bcast(a_ts * sig_s**2 / sig_t**2, x) * x + bcast(a_s * v_ts / sig_t**2, x) * x0_hat
-    std = torch.sqrt(torch.clamp(v_ts, min=0.0) * sig_s**2 / sig_t**2)
+    var = torch.clamp(v_ts, min=0.0)
+    std = torch.sqrt(var if variance == "beta" else var * sig_s**2 / sig_t**2)
     return mean + bcast(std, x) * randn_like(x, generator)
 
 
 PREDICTORS: dict[str, Predictor] = {
     "euler_maruyama": euler_maruyama,
     "reverse_diffusion": reverse_diffusion,
-    "ancestral": ancestral,
+    "ancestral": ancestral,  # variance="beta"
+    "ancestral_posterior": partial(ancestral, variance="posterior"),
 }
