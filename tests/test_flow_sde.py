@@ -88,6 +88,10 @@ SAMPLER_OPTIONS = {
     "ddim": dict(steps=50),
     "heun": dict(steps=40),  # 18 steps leave a covariance error of 0.025 on VP as on flow
     "dpm_solver": dict(steps=20),
+    "unipc": dict(steps=20),
+    "deis": dict(steps=20),
+    "dpm_solver_sde": dict(steps=100),
+    "dpm_2s_ancestral": dict(steps=100),
 }
 
 
