@@ -115,7 +115,8 @@ class DiffusersScore(nn.Module):
 
     def _check_shape(self, x: Tensor) -> None:
         if self.sample_shape is not None and tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"x has shape {tuple(x.shape)}, but the model takes (B, {', '.join(map(str, self.sample_shape))})"
+            want = ", ".join(map(str, self.sample_shape))
+            raise ValueError(f"x has shape {tuple(x.shape)}, but the model takes (B, {want})"
                              " (its in_channels and sample_size)")
 
     def forward(self, x: Tensor, t: float | Tensor, y: int | Tensor | None = None) -> Tensor:
@@ -174,7 +175,8 @@ def _scheduler_config(scheduler: Any) -> dict[str, Any]:
         return json.loads(p.read_text())
     config = getattr(scheduler, "config", None)
     if config is None:
-        raise TypeError(f"scheduler must be a diffusers scheduler, a config dict or a folder, got {type(scheduler).__name__}")
+        raise TypeError("scheduler must be a diffusers scheduler, a config dict or a folder, "
+                        f"got {type(scheduler).__name__}")
     return {**dict(config), "_class_name": type(scheduler).__name__}
 
 

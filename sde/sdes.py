@@ -26,7 +26,8 @@ from ._checks import as_time, bcast, check_choice, check_int, check_positive
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "ScoreFn", "DiscreteVPSDE", "ddpm_betas", "BETA_SCHEDULES"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "ScoreFn", "DiscreteVPSDE", "ddpm_betas",
+           "BETA_SCHEDULES"]
 
 
 class SDE(abc.ABC):

@@ -156,7 +156,11 @@ def score_source(cfg: DictConfig, overrides: list[str], device: torch.device, dt
     if kind == "checkpoint":
         model, cfg, ckpt = load_checkpoint(cfg, overrides, device, dtype)
         return model, model.sde if hasattr(model, "sde") else build_sde(cfg), cfg, {"model": model, "checkpoint": ckpt}
-    raise ValueError(f"score.kind={kind!r} is not supported; choose one of ['checkpoint', 'oracle']")
+    if kind == "diffusers":
+        from .pretrained import diffusers_source
+
+        return diffusers_source(cfg, device, dtype)
+    raise ValueError(f"score.kind={kind!r} is not supported; choose one of ['checkpoint', 'diffusers', 'oracle']")
 
 
 def num_dims(shape) -> int:
