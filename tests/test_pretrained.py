@@ -191,7 +191,7 @@ def test_cfg_and_classifier_guidance_follow_the_formula(tmp_path):
 
 # -- likelihood and encode/decode on a loaded model --------------------------------------------------------
 @pytest.mark.slow
-def test_likelihood_exact_vs_hutchinson_and_round_trip(tmp_path):
+def test_likelihood_exact_vs_hutchinson_on_a_loaded_model(tmp_path):
     unet = tiny_unet(size=4, channels=1)
     with torch.no_grad():  # a small predicted noise: a smooth flow (a random O(1) field makes the ODE stiff)
         unet.conv_out.weight.mul_(0.05)
@@ -206,9 +206,34 @@ def test_likelihood_exact_vs_hutchinson_and_round_trip(tmp_path):
     assert ((hutch.mean(0) - exact.logp).abs() < 4 * se + 1e-3).all(), (hutch.mean(0), exact.logp, se)
     bpd = bits_per_dim(exact.logp, 16)
     assert torch.isfinite(bpd).all()
-    z = encode(score, sde, x, eps=1.05e-2, rtol=1e-6, atol=1e-6)
-    back = decode(score, sde, z, eps=1.05e-2, rtol=1e-6, atol=1e-6)
-    assert (back - x).abs().max() < 3e-3  # beta(t) has a kink at every node k/N: measured 1.4e-3 at rtol 1e-7
+
+
+class GaussianEps(torch.nn.Module):
+    """sqrt(1 - alphas_cumprod) x (the exact noise predictor of N(0, I) data) + a loaded UNet's field: a flow
+    near the identity. (A near-zero predictor contracts x by alpha_T ~ 0.006 and decode amplifies solver error.)"""
+
+    def __init__(self, unet, sde):
+        super().__init__()
+        self.unet, self.sde, self.config = unet, sde, unet.config
+
+    def forward(self, x, timestep, class_labels=None):
+        t = (torch.as_tensor(timestep, dtype=x.dtype).reshape(-1)[:1] + 1) / self.sde.N
+        return self.sde.sigma(t)[0] * x + self.unet(x, timestep).sample
+
+
+@pytest.mark.slow
+def test_encode_decode_round_trip(tmp_path):
+    unet = tiny_unet(size=4, channels=1)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    path = save_pipeline(tmp_path, unet, diffusers.DDPMScheduler())
+    loaded, sde = from_diffusers(path, dtype=torch.float64)
+    score, _ = from_diffusers(GaussianEps(loaded.unet, sde), scheduler=path / "scheduler")
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    ode = dict(eps=1.05e-2, rtol=1e-6, atol=1e-6)
+    back = decode(score, sde, encode(score, sde, x, **ode), **ode)
+    assert (back - x).abs().max() < 1e-3, (back - x).abs().max()
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
@@ -254,8 +279,8 @@ def test_sample_app_runs_a_saved_model(unet, tmp_path):
     path = save_pipeline(tmp_path / "model", unet, diffusers.DDIMScheduler(clip_sample=False))
     cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     assert cfg["_class_name"] == "DDIMScheduler"
-    cmd = [sys.executable, str(ROOT / "experiments" / "sample.py"), "score=diffusers", f"score.path={path}",
-           "sampler=ddim", "sampler.steps=3", "n_samples=4", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, str(ROOT / "experiments" / "sample.py"), "score=diffusers", f"score.path={path}", "sampler=ddim",
+           "sampler.options.steps=3", "num_samples=4", "strip_frames=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((tmp_path / "run").rglob("*.pt")) or list((tmp_path / "run").rglob("*.png"))
