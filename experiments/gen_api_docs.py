@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = [  # documented in this order; modules that do not import (yet) are listed as missing
     "sde.sdes", "sde.oracle", "sde.samplers", "sde.likelihood", "sde.nets", "sde.models", "sde.losses",
     "sde.data", "sde.training", "sde.metrics", "sde.features", "sde.guidance", "sde.inverse", "sde.interpolation",
+    "sde.pretrained",
 ]
 
 

@@ -29,7 +29,7 @@ from ._checks import as_time, bcast, check_choice, shared_time
 from .models import PARAMETRIZATIONS, ConditionalScore
 from .sdes import SDE, VESDE, DiscreteVPSDE
 
-__all__ = ["from_diffusers", "DiffusersScore", "scheduler_grid", "VP_SCHEDULERS", "VE_SCHEDULERS",
+__all__ = ["from_diffusers", "DiffusersScore", "scheduler_grid", "sde_from_scheduler", "VP_SCHEDULERS", "VE_SCHEDULERS",
            "PREDICTION_TYPES", "MODEL_CLASSES"]
 
 # diffusers schedulers whose config is a DDPM beta schedule (-> DiscreteVPSDE), and the VE one (-> VESDE)

@@ -447,6 +447,12 @@ class DiscreteVPSDE(SDE):
     def from_alphas_cumprod(cls, alphas_cumprod: Tensor | list[float]) -> DiscreteVPSDE:
         """Build from a tabulated alphas_cumprod (N,) (decreasing, in (0, 1)), e.g. a diffusers scheduler's.
 
+        Args:
+            alphas_cumprod: (N,) the cumulative products of 1 - beta_n; betas are recovered as 1 - ac_n / ac_{n-1}.
+
+        Returns:
+            The DiscreteVPSDE of that table.
+
         Raises:
             ValueError: not 1-D, not strictly decreasing inside (0, 1) (zero terminal SNR is not supported:
                 the prior would not be N(0, I) at a finite log-SNR).

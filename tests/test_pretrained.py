@@ -279,8 +279,12 @@ def test_sample_app_runs_a_saved_model(unet, tmp_path):
     path = save_pipeline(tmp_path / "model", unet, diffusers.DDIMScheduler(clip_sample=False))
     cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     assert cfg["_class_name"] == "DDIMScheduler"
-    cmd = [sys.executable, str(ROOT / "experiments" / "sample.py"), "score=diffusers", f"score.path={path}", "sampler=ddim",
-           "sampler.options.steps=3", "num_samples=4", "strip_frames=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "experiments" / "sample.py"), "score=diffusers", f"score.path={path}",
+           "sampler=ddim", "sampler.options.steps=3", "num_samples=4", "strip_frames=0", "logger=none",
+           f"hydra.run.dir={run}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert list((tmp_path / "run").rglob("*.pt")) or list((tmp_path / "run").rglob("*.png"))
+    x = torch.load(run / "samples.pt", weights_only=True)
+    assert x.shape == (4, 3, 8, 8) and torch.isfinite(x).all()
+    assert json.loads((run / "metrics.json").read_text())["sde"] == "DiscreteVPSDE"
