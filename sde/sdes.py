@@ -501,15 +501,10 @@ class DiscreteVPSDE(SDE):
         _, beta = self._table(t)
         return beta[self._segment(t)[0]]
 
-    def alpha(self, t: float | Tensor) -> Tensor:
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t: float | Tensor) -> Tensor:
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
-
-    def log_snr(self, t: float | Tensor) -> Tensor:
-        la2 = 2.0 * self.log_alpha(t)
-        return la2 - torch.log(-torch.expm1(la2))
+    # The VP marginals and dynamics in terms of log_alpha and beta: VPSDE's own methods, shared
+    # (alpha = exp(log_alpha), sigma = sqrt(1 - alpha^2), drift -beta/2 x, diffusion sqrt(beta), prior N(0, I)).
+    alpha, sigma, log_snr = VPSDE.alpha, VPSDE.sigma, VPSDE.log_snr
+    drift, diffusion, prior_std = VPSDE.drift, VPSDE.diffusion, VPSDE.prior_std
 
     def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
         la = -0.5 * torch.nn.functional.softplus(-log_snr)  # alpha^2 = sigmoid(lambda)
@@ -518,17 +513,6 @@ class DiscreteVPSDE(SDE):
         k = torch.clamp(torch.searchsorted(-nodes, -la.contiguous(), right=True) - 1, 0, self.N - 1)
         lo, hi = nodes[k], nodes[k + 1]
         return (k + (la - lo) / (hi - lo)) / self.N
-
-    @property
-    def prior_std(self) -> float:
-        return 1.0
-
-    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
-        t = as_time(t, x, self.T)
-        return -0.5 * bcast(self.beta(t), x) * x
-
-    def diffusion(self, t: float | Tensor) -> Tensor:
-        return torch.sqrt(self.beta(t))
 
     def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
         """Exact transition from t - dt to t: beta_i = 1 - alpha(t)^2 / alpha(t - dt)^2,
