@@ -35,8 +35,9 @@ from .metrics import (
 from .models import PARAMETRIZATIONS, ScoreModel, drop_labels
 from .nets import MLP, UNet
 from .oracle import GaussianMixture
+from .pretrained import DiffusersScore, from_diffusers
 from .samplers import SAMPLERS, SampleResult, sample
-from .sdes import SDE, VESDE, VPSDE, ReverseSDE, ScoreFn, SubVPSDE
+from .sdes import SDE, VESDE, VPSDE, DiscreteVPSDE, FlowSDE, ReverseSDE, ScoreFn, SubVPSDE, ddpm_betas
 from .smc import SMCResult, smc_guidance, smc_inverse
 from .training import TrainConfig, Trainer, train
 
@@ -44,7 +45,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     # SDEs and the exact oracle
-    "SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "ScoreFn", "GaussianMixture",
+    "SDE", "VPSDE", "SubVPSDE", "VESDE", "DiscreteVPSDE", "ddpm_betas", "ReverseSDE", "ScoreFn", "GaussianMixture",
+    # pretrained diffusers models
+    "from_diffusers", "DiffusersScore",
     # sampling
     "sample", "SAMPLERS", "SampleResult",
     # likelihood

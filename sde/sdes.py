@@ -38,7 +38,7 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "FlowSDE", "InterpolantSDE", "ReverseSDE", "ScoreFn",
-    "VPSchedule", "LinearSchedule", "CosineSchedule", "VP_SCHEDULES",
+    "VPSchedule", "LinearSchedule", "CosineSchedule", "VP_SCHEDULES", "DiscreteVPSDE", "ddpm_betas", "BETA_SCHEDULES",
 ]
 
 
@@ -565,3 +565,171 @@ class VESDE(SDE):
         var_now = self.sigma(t) ** 2
         var_prev = self.sigma(torch.clamp(t - dt, min=0.0)) ** 2
         return torch.zeros_like(x), torch.sqrt(var_now - var_prev)
+
+
+# -- discrete DDPM schedules (diffusers' beta_schedule names) --------------------------------------
+def _linear_betas(n: int, beta_start: float, beta_end: float) -> Tensor:
+    return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+
+
+def _scaled_linear_betas(n: int, beta_start: float, beta_end: float) -> Tensor:
+    return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+
+
+def _cosine_betas(n: int, beta_start: float, beta_end: float) -> Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: 1 - abar(t_{i+1}) / abar(t_i), capped at 0.999."""
+    s = torch.arange(n + 1, dtype=torch.float64) / n
+    abar = torch.cos((s + 0.008) / 1.008 * (math.pi / 2)) ** 2
+    return torch.clamp(1.0 - abar[1:] / abar[:-1], max=0.999)
+
+
+def _sigmoid_betas(n: int, beta_start: float, beta_end: float) -> Tensor:
+    """GeoDiff (Xu et al. 2022): beta_start + (beta_end - beta_start) sigmoid(linspace(-6, 6))."""
+    return beta_start + (beta_end - beta_start) * torch.sigmoid(torch.linspace(-6.0, 6.0, n, dtype=torch.float64))
+
+
+# name -> (N, beta_start, beta_end) -> betas (N,) float64; the names are diffusers' ``beta_schedule``
+BETA_SCHEDULES: dict[str, Callable[[int, float, float], Tensor]] = {
+    "linear": _linear_betas,
+    "scaled_linear": _scaled_linear_betas,
+    "squaredcos_cap_v2": _cosine_betas,
+    "sigmoid": _sigmoid_betas,
+}
+
+
+def ddpm_betas(schedule: str = "linear", N: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """The beta list of a discrete DDPM schedule, in float64.
+
+    Args:
+        schedule: "linear" (Ho et al. 2020), "scaled_linear" (latent diffusion: linear in sqrt(beta)),
+            "squaredcos_cap_v2" (Nichol & Dhariwal 2021 cosine, betas capped at 0.999) or "sigmoid" (GeoDiff).
+        N: number of diffusion steps.
+        beta_start: first beta (unused by "squaredcos_cap_v2").
+        beta_end: last beta (unused by "squaredcos_cap_v2").
+
+    Returns:
+        betas, shape (N,), float64.
+
+    Raises:
+        ValueError: unknown schedule, N < 2, or not 0 < beta_start < beta_end < 1.
+    """
+    check_choice("schedule", schedule, BETA_SCHEDULES)
+    check_int("N", N, 2)
+    check_positive("beta_start", beta_start)
+    check_positive("beta_end", beta_end)
+    if not beta_start < beta_end < 1.0:
+        raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+    return BETA_SCHEDULES[schedule](N, beta_start, beta_end)
+
+
+class DiscreteVPSDE(SDE):
+    """The VP SDE of a discrete DDPM schedule (as DPM-Solver's ``NoiseScheduleVP("discrete")``).
+
+    The tabulated ``alphas_cumprod[n]`` is the marginal alpha(t_n)^2 at t_n = (n + 1) / N, and
+    log alpha(t) is piecewise linear between those points, with the extra node log alpha(0) = 0
+    (DPM-Solver extrapolates below t_0 = 1/N instead; the node keeps alpha <= 1 on all of [0, T]).
+    Hence beta(t) = -2 d log alpha / dt is piecewise constant, -N log(1 - beta_n) on
+    (n/N, (n+1)/N], and drift -beta/2 x, diffusion sqrt(beta) make the kernel exactly
+    N(alpha(t) x0, (1 - alpha(t)^2) I). ``discretize`` is the exact transition of that kernel,
+    which on the tabulated points is the DDPM chain x_n = sqrt(1 - beta_n) x_{n-1} + sqrt(beta_n) z.
+    The linear schedule 1e-4..0.02 over N = 1000 is VPSDE(0.1, 20) up to O(1/N) (docs/pretrained.md).
+
+    Args:
+        betas: (N,) the DDPM betas, each in (0, 1), N >= 2 (see ``ddpm_betas``); or use
+            ``DiscreteVPSDE.from_alphas_cumprod``.
+
+    Raises:
+        ValueError: betas not 1-D, fewer than 2, not finite, or outside (0, 1).
+    """
+
+    def __init__(self, betas: Tensor | list[float]) -> None:
+        b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        if b.dim() != 1 or b.numel() < 2:
+            raise ValueError(f"betas must be a 1-D sequence of at least 2 values, got shape {tuple(b.shape)}")
+        if not bool(torch.isfinite(b).all()) or not bool(((b > 0) & (b < 1)).all()):
+            raise ValueError(f"betas must be finite and lie in (0, 1), got values in [{b.min():.4g}, {b.max():.4g}]")
+        super().__init__(b.numel())
+        self.betas = b
+        log_a = 0.5 * torch.cumsum(torch.log1p(-b), 0)
+        self._log_alpha_nodes = torch.cat([torch.zeros(1, dtype=torch.float64), log_a])  # at k/N, k = 0..N
+        self._beta_segments = -float(self.N) * torch.log1p(-b)  # beta(t) on (k/N, (k+1)/N]
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}  # (device, dtype) -> (nodes, beta) copies
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor | list[float]) -> DiscreteVPSDE:
+        """Build from a tabulated alphas_cumprod (N,) (decreasing, in (0, 1)), e.g. a diffusers scheduler's.
+
+        Args:
+            alphas_cumprod: (N,) the cumulative products of 1 - beta_n; betas are recovered as 1 - ac_n / ac_{n-1}.
+
+        Returns:
+            The DiscreteVPSDE of that table.
+
+        Raises:
+            ValueError: not 1-D, not strictly decreasing inside (0, 1) (zero terminal SNR is not supported:
+                the prior would not be N(0, I) at a finite log-SNR).
+        """
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
+        if ac.dim() != 1 or ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()):
+            raise ValueError("alphas_cumprod must be a 1-D sequence (N >= 2) in the open interval (0, 1) (a zero "
+                             "terminal SNR, alphas_cumprod[-1] = 0, is not supported); "
+                             f"got shape {tuple(ac.shape)}, values in [{ac.min():.4g}, {ac.max():.4g}]")
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        return cls(1.0 - ac / prev)
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """alpha(t_n)^2 at t_n = (n + 1) / N, float64 (N,)."""
+        return torch.exp(2.0 * self._log_alpha_nodes[1:])
+
+    def __repr__(self) -> str:
+        return f"DiscreteVPSDE(N={self.N}, betas=[{float(self.betas[0]):.4g} .. {float(self.betas[-1]):.4g}])"
+
+    def _table(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        key = (like.device, like.dtype)
+        if key not in self._tables:
+            self._tables[key] = (self._log_alpha_nodes.to(like.device, like.dtype),
+                                 self._beta_segments.to(like.device, like.dtype))
+        return self._tables[key]
+
+    def _segment(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(k, frac): t N = k + frac, k in [0, N-1], t in (k/N, (k+1)/N]; a node (up to the rounding of t's
+        dtype) belongs to the segment below it, the one a reverse-time step from it crosses first."""
+        u = t * self.N
+        tol = 4.0 * self.N * torch.finfo(t.dtype).eps
+        k = torch.clamp(torch.ceil(u - tol) - 1.0, 0, self.N - 1)
+        return k.long(), u - k
+
+    def log_alpha(self, t: float | Tensor) -> Tensor:
+        """log alpha(t), piecewise linear through (k/N, log sqrt(alphas_cumprod[k-1])), log alpha(0) = 0."""
+        t = self._t(t)
+        nodes, _ = self._table(t)
+        k, frac = self._segment(t)
+        return nodes[k] + frac * (nodes[k + 1] - nodes[k])
+
+    def beta(self, t: float | Tensor) -> Tensor:
+        """beta(t) = -2 d log alpha / dt, piecewise constant: -N log(1 - beta_n) on (n/N, (n+1)/N]."""
+        t = self._t(t)
+        _, beta = self._table(t)
+        return beta[self._segment(t)[0]]
+
+    # The VP marginals and dynamics in terms of log_alpha and beta: VPSDE's own methods, shared
+    # (alpha = exp(log_alpha), sigma = sqrt(1 - alpha^2), drift -beta/2 x, diffusion sqrt(beta), prior N(0, I)).
+    alpha, sigma, log_snr = VPSDE.alpha, VPSDE.sigma, VPSDE.log_snr
+    drift, diffusion, prior_std = VPSDE.drift, VPSDE.diffusion, VPSDE.prior_std
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        la = -0.5 * torch.nn.functional.softplus(-log_snr)  # alpha^2 = sigmoid(lambda)
+        nodes, _ = self._table(la)
+        # nodes decrease in k: find k with nodes[k] >= la > nodes[k+1]; beyond the ends, extrapolate
+        k = torch.clamp(torch.searchsorted(-nodes, -la.contiguous(), right=True) - 1, 0, self.N - 1)
+        lo, hi = nodes[k], nodes[k + 1]
+        return (k + (la - lo) / (hi - lo)) / self.N
+
+    def discretize(self, x: Tensor, t: float | Tensor, dt: float | None = None) -> tuple[Tensor, Tensor]:
+        """Exact transition from t - dt to t: beta_i = 1 - alpha(t)^2 / alpha(t - dt)^2,
+        f = (sqrt(1 - beta_i) - 1) x, G = sqrt(beta_i); with dt = 1/N at t_n it is DDPM's step n."""
+        dt = self.T / self.N if dt is None else dt
+        t = as_time(t, x, self.T)
+        beta_i = -torch.expm1(2.0 * (self.log_alpha(t) - self.log_alpha(torch.clamp(t - dt, min=0.0))))
+        return bcast(torch.sqrt(1.0 - beta_i) - 1.0, x) * x, torch.sqrt(beta_i)

@@ -119,10 +119,17 @@ def _from_oracle(cfg: DictConfig, overrides: list[str], device: torch.device, dt
                        sde_config=to_plain(cfg.sde), oracle=oracle)
 
 
+def _from_diffusers(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype) -> ScoreSource:
+    from .pretrained import diffusers_source  # diffusers is an optional extra: imported only when asked for
+
+    return diffusers_source(cfg, device, dtype)
+
+
 # score.kind -> builder(cfg, command-line overrides, device, dtype) -> ScoreSource. Add a kind with one line.
 SCORE_KINDS: dict[str, Callable[[DictConfig, list[str], torch.device, torch.dtype], ScoreSource]] = {
     "checkpoint": _from_checkpoint,
     "oracle": _from_oracle,
+    "diffusers": _from_diffusers,
 }
 
 
