@@ -42,13 +42,14 @@ VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
 MODEL_CLASSES = ("UNet2DModel",)  # model classes a folder may name in its config.json
 
 
-def _v_score(out: Tensor, x: Tensor, a: Tensor, s: Tensor, sigma_data: float) -> Tensor:
+def _v_score(out: Tensor, x: Tensor, sde: SDE, t: Tensor, sigma_data: float) -> Tensor:
     """v = alpha eps - sigma x0 (Salimans & Ho 2022); on VP alpha^2 + sigma^2 = 1 gives eps = sigma x + alpha v."""
-    return PARAMETRIZATIONS["eps"](s * x + a * out, x, a, s, sigma_data)
+    a, s = bcast(sde.alpha(t), x), bcast(sde.sigma(t), x)
+    return PARAMETRIZATIONS["eps"](s * x + a * out, x, sde, t, sigma_data)
 
 
-# diffusers' prediction_type -> (network output, x, alpha, sigma, unused) -> score
-PREDICTION_TYPES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]] = {
+# diffusers' prediction_type -> (network output, x, sde, t, unused) -> score (sde.models.PARAMETRIZATIONS' form)
+PREDICTION_TYPES: dict[str, Callable[[Tensor, Tensor, SDE, Tensor, float], Tensor]] = {
     "epsilon": PARAMETRIZATIONS["eps"],
     "v_prediction": _v_score,
     "sample": PARAMETRIZATIONS["x0"],
@@ -128,8 +129,7 @@ class DiffusersScore(nn.Module):
         cond = self.model_time(tc).expand(t.shape)
         out = self.unet(x, cond) if labels is None else self.unet(x, cond, class_labels=labels)
         out = _output_tensor(out, x)
-        a, s = bcast(self.sde.alpha(tc), x), bcast(self.sde.sigma(tc), x)
-        return PREDICTION_TYPES[self.prediction_type](out, x, a, s, 1.0)
+        return PREDICTION_TYPES[self.prediction_type](out, x, self.sde, tc, 1.0)
 
     def denoise(self, x: Tensor, t: float | Tensor, y: int | Tensor | None = None) -> Tensor:
         """E[x_0 | x_t = x] by Tweedie's formula (sde.flow.tweedie)."""

@@ -109,13 +109,13 @@ def test_prediction_types_reproduce_ddim(unet, tmp_path, prediction_type):
 
 
 def test_ancestral_reproduces_ddpmscheduler(unet, tmp_path):
-    """DDPM's "fixed_small" variance is the posterior variance beta-tilde of our ancestral predictor."""
+    """DDPM's "fixed_small" variance is the posterior variance beta-tilde: our "ancestral_posterior" predictor."""
     sched = diffusers.DDPMScheduler(clip_sample=False, variance_type="fixed_small")
     score, sde = from_diffusers(save_pipeline(tmp_path, unet, sched))
     sched.set_timesteps(12)
     ref = diffusers_loop(unet, sched, x_T(), torch.Generator().manual_seed(5))
-    ours = SAMPLERS["ancestral"](score, sde, x_T(), generator=torch.Generator().manual_seed(5),
-                                 **scheduler_grid(sched, sde))
+    ours = SAMPLERS["pc"](score, sde, x_T(), generator=torch.Generator().manual_seed(5),
+                          predictor="ancestral_posterior", corrector="none", **scheduler_grid(sched, sde))
     assert rel_err(ours.x, ref) < RTOL and ours.nfe == 12
 
 
