@@ -45,7 +45,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # SDEs and the exact oracle
-    "SDE", "VPSDE", "SubVPSDE", "VESDE", "FlowSDE", "DiscreteVPSDE", "ddpm_betas", "ReverseSDE", "ScoreFn", "GaussianMixture",
+    "SDE", "VPSDE", "SubVPSDE", "VESDE", "FlowSDE", "DiscreteVPSDE", "ddpm_betas", "ReverseSDE", "ScoreFn",
+    "GaussianMixture",
     # pretrained diffusers models
     "from_diffusers", "DiffusersScore",
     # sampling
