@@ -344,23 +344,29 @@ def repaint(
     x, nfe = sde.prior_sampling(b.shape, generator=generator, device=b.device, dtype=b.dtype), 0
     a_s = [_a_s(sde, t, b) for t in ts]  # (alpha, sigma) on the grid
     for n, (i, j) in enumerate(zip(walk[:-1], walk[1:])):
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if j < i:  # jump back up: the forward kernel from ts[i] to ts[j]
-            ratio = a_s[j][0] / a_s[i][0]
-            x = ratio * x + math.sqrt(max(a_s[j][1] ** 2 - (ratio * a_s[i][1]) ** 2, 0.0)) * z
-            continue
-        score = score_fn(x, _times(ts[i], x))
-        nfe += 1
-        m, v = _em_kernel(sde, score, x, ts[i], ts[j])
-        free = m + math.sqrt(v) * z
-        x = free - P(free) + a_s[j][0] * b + a_s[j][1] * P(z)
-        if callback is not None:
+        x, down = _repaint_step(score_fn, sde, P, b, x, ts, a_s, i, j, generator)
+        nfe += int(down)
+        if down and callback is not None:
             callback({"i": n, "t": _times(ts[j], x), "x": x, "x0_hat": None})
     if denoise_final:
         x = tweedie(sde, x, _times(ts[-1], x), score_fn(x, _times(ts[-1], x)))
         nfe += 1
     opts = dict(steps=steps, jump_length=jump_length, resample=resample, eps=ts[-1], denoise_final=denoise_final)
     return SampleResult(project(x, constraint), nfe, "repaint", opts)
+
+
+def _repaint_step(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], b: Tensor, x: Tensor,
+                  ts: list[float], a_s: list[tuple[float, float]], i: int, j: int,
+                  generator: torch.Generator | None) -> tuple[Tensor, bool]:
+    """One move of RePaint's walk, grid index i -> j; returns (x, whether it stepped down: one score call)."""
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if j < i:  # jump back up: the forward kernel from ts[i] to ts[j]
+        ratio = a_s[j][0] / a_s[i][0]
+        return ratio * x + math.sqrt(max(a_s[j][1] ** 2 - (ratio * a_s[i][1]) ** 2, 0.0)) * z, False
+    score = score_fn(x, _times(ts[i], x))
+    m, v = _em_kernel(sde, score, x, ts[i], ts[j])
+    free = m + math.sqrt(v) * z
+    return free - P(free) + a_s[j][0] * b + a_s[j][1] * P(z), True
 
 
 # -- the registry: every method solves P x = b and returns a result whose x is projected ---------------

@@ -291,12 +291,20 @@ def log_likelihood(
     _check_likelihood(x, divergence, probe, n_probes)
     solve = _check_solve(sde, method, rtol, atol, steps, eps, grid, rho, options, from_T="log_likelihood")
     score = CountedScore(score_fn)
+    logp, z = _likelihood_batches(score, sde, x, solve, divergence, probe, n_probes, generator, batch_size, progress)
+    n_vjp_per_eval = x[0].numel() if divergence == "exact" else n_probes
+    return LikelihoodResult(logp, z, score.calls, score.calls * n_vjp_per_eval)
+
+
+def _likelihood_batches(score: CountedScore, sde: SDE, x: Tensor, solve: _Solve, divergence: str, probe: str,
+                        n_probes: int, generator: torch.Generator | None, batch_size: int | None,
+                        progress: bool) -> tuple[Tensor, Tensor]:
+    """(logp, z) of all of x, solved mini-batch by mini-batch in order (the probes drawn batch by batch)."""
     starts, size = _chunks(x, batch_size, progress, "log-likelihood")
     parts = [_likelihood_batch(score, sde, x[i : i + size], solve, divergence, probe, n_probes, generator)
              for i in starts]
-    n_vjp_per_eval = x[0].numel() if divergence == "exact" else n_probes
     logp, z = (torch.cat(part) for part in zip(*parts))
-    return LikelihoodResult(logp, z, score.calls, score.calls * n_vjp_per_eval)
+    return logp, z
 
 
 def _check_likelihood(x: Tensor, divergence: str, probe: str, n_probes: int) -> None:

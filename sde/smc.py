@@ -183,6 +183,29 @@ def _a_s(sde: SDE, t: float, like: Tensor) -> tuple[float, float]:
     return float(sde.alpha(tt)[0]), float(sde.sigma(tt)[0])
 
 
+def _check_noise_std(noise_std: float) -> None:
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not (
+        math.isfinite(noise_std) and noise_std >= 0
+    ):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+
+
+def _sample(state: State, log_w: Tensor, ts: list[float], weigh: Weigh, move: Move, *, score_fn: ScoreFn, sde: SDE,
+            K: int, ess_threshold: float, denoise_final: bool, calls: list[int], generator, callback, progress: bool,
+            options: dict[str, Any], fix: Callable[[Tensor], Tensor] | None = None) -> SMCResult:
+    """Run the particle loop, then the optional final Tweedie denoise (one score call, then ``fix``)."""
+    state, log_w, ess, res = _run(state, log_w, ts, weigh, move, K=K, threshold=float(ess_threshold),
+                                  generator=generator, callback=callback, progress=progress)
+    x = state["x"]
+    if denoise_final:
+        tt = x.new_full((x.shape[0],), ts[-1])
+        x = tweedie(sde, x, tt, score_fn(x, tt))
+        calls[0] += 1
+        if fix is not None:
+            x = fix(x)
+    return _finish(x, log_w, K, ess, res, calls[0], generator, options)
+
+
 # -- inverse problems -------------------------------------------------------------------------
 def smc_inverse(
     score_fn: ScoreFn,
@@ -231,15 +254,24 @@ def smc_inverse(
             outside (0, T), noise_std < 0, or a target that is not a float tensor.
     """
     _check_smc(particles, ess_threshold)
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not (
-        math.isfinite(noise_std) and noise_std >= 0
-    ):
-        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    _check_noise_std(noise_std)
     P, b = constraint
     check_tensor("constraint.target", b, 1)
     ts, K = _grid(sde, steps, eps), particles
     bk = b.repeat(K, *([1] * (b.dim() - 1)))  # (K * B, ...)
     calls = [0]
+    state, log_w, weigh, move = _inverse_filter(score_fn, sde, P, b, bk, noise_std, ts[0], K, generator, calls)
+    options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
+                   denoise_final=denoise_final)
+    return _sample(state, log_w, ts, weigh, move, score_fn=score_fn, sde=sde, K=K, ess_threshold=ess_threshold,
+                   denoise_final=denoise_final, calls=calls, generator=generator, callback=callback, progress=progress,
+                   options=options, fix=(lambda x: x - P(x) + bk) if noise_std == 0 else None)
+
+
+def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], b: Tensor, bk: Tensor,
+                    noise_std: float, t0: float, K: int, generator,
+                    calls: list[int]) -> tuple[State, Tensor, Weigh, Move]:
+    """``smc_inverse``'s prior particles and their (K, B) log weights (the twist g_t0), its reweighting and move."""
 
     def r2(t: float) -> float:
         a, s = _a_s(sde, t, b)
@@ -264,19 +296,7 @@ def smc_inverse(
         return {"x": free - P(free) + known}
 
     x = sde.prior_sampling(bk.shape, generator=generator, device=b.device, dtype=b.dtype)
-    log_w = log_g(x, ts[0], r2(ts[0])).view(K, -1)
-    state, log_w, ess, res = _run({"x": x}, log_w, ts, weigh, move, K=K, threshold=float(ess_threshold),
-                                  generator=generator, callback=callback, progress=progress)
-    x = state["x"]
-    if denoise_final:
-        tt = x.new_full((x.shape[0],), ts[-1])
-        x = tweedie(sde, x, tt, score_fn(x, tt))
-        calls[0] += 1
-        if noise_std == 0:
-            x = x - P(x) + bk
-    options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
-                   denoise_final=denoise_final)
-    return _finish(x, log_w, K, ess, res, calls[0], generator, options)
+    return {"x": x}, log_g(x, t0, r2(t0)).view(K, -1), weigh, move
 
 
 # -- class guidance ------------------------------------------------------------------------------
@@ -330,6 +350,21 @@ def smc_guidance(
     Raises:
         ValueError / TypeError: bad particles, ess_threshold, steps, eps, shape or class ids.
     """
+    ts, x, labels = _guidance_setup(sde, shape, classifier, y, particles, ess_threshold, steps, eps, generator,
+                                    device, dtype)
+    calls = [0]
+    state, log_w, weigh = _guidance_filter(score_fn, sde, classifier, labels, x, ts[0], particles, generator, calls)
+    options = dict(particles=particles, ess_threshold=ess_threshold, steps=steps, eps=ts[-1],
+                   denoise_final=denoise_final)
+    return _sample(state, log_w, ts, weigh, lambda st, t, s: st, score_fn=score_fn, sde=sde, K=particles,
+                   ess_threshold=ess_threshold, denoise_final=denoise_final, calls=calls, generator=generator,
+                   callback=callback, progress=progress, options=options)
+
+
+def _guidance_setup(sde: SDE, shape: tuple[int, ...], classifier: Callable, y: int | Tensor, particles: int,
+                    ess_threshold: float, steps: int, eps: float | None, generator, device,
+                    dtype) -> tuple[list[float], Tensor, Tensor]:
+    """``smc_guidance``'s checks, then the grid, the (K * B, ...) prior particles and their (K * B,) labels."""
     from .guidance import _check_labels, _labels_for, _num_classes
 
     _check_smc(particles, ess_threshold)
@@ -339,8 +374,12 @@ def smc_guidance(
     y = _check_labels("smc_guidance", y, _num_classes(classifier), "classifier")
     ts, K, B = _grid(sde, steps, eps), particles, shape[0]
     x = sde.prior_sampling((K * B, *shape[1:]), generator=generator, device=device, dtype=dtype)
-    labels = _labels_for(y, x[:B]).repeat(K)
-    calls = [0]
+    return ts, x, _labels_for(y, x[:B]).repeat(K)
+
+
+def _guidance_filter(score_fn: ScoreFn, sde: SDE, classifier: Callable, labels: Tensor, x: Tensor, t0: float, K: int,
+                     generator, calls: list[int]) -> tuple[State, Tensor, Weigh]:
+    """``smc_guidance``'s initial state and (K, B) log weights (the twist at t0), and its proposal + reweighting."""
 
     def twist(x: Tensor, t: float) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
@@ -362,16 +401,5 @@ def smc_guidance(
         x0 = tweedie(sde, x, _times(t, x), score)
         return {"x": x_s, "log_h": log_h, "grad": grad, "x0_hat": x0}, log_h - st["log_h"] + log_pq
 
-    log_h, grad = twist(x, ts[0])
-    state = {"x": x, "log_h": log_h, "grad": grad}
-    state, log_w, ess, res = _run(state, log_h.view(K, B), ts, weigh, lambda st, t, s: st, K=K,
-                                  threshold=float(ess_threshold), generator=generator, callback=callback,
-                                  progress=progress)
-    x = state["x"]
-    if denoise_final:
-        tt = x.new_full((x.shape[0],), ts[-1])
-        x = tweedie(sde, x, tt, score_fn(x, tt))
-        calls[0] += 1
-    options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], denoise_final=denoise_final)
-    return _finish(x, log_w, K, ess, res, calls[0], generator, options)
-
+    log_h, grad = twist(x, t0)
+    return {"x": x, "log_h": log_h, "grad": grad}, log_h.view(K, -1), weigh

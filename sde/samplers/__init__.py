@@ -83,20 +83,8 @@ def sample(
         TypeError: sde is not an SDE instance, score_fn or callback is not callable.
         FloatingPointError: the samples came out non-finite.
     """
-    check_choice("sampler", sampler, SAMPLERS)
-    check_sde(sde)  # before x_T is drawn from it
-    if callback is not None:
-        check_callable("callback", callback, "callback(info: dict)")
+    x_T, n, shape, chunk = _check_sample(sde, shape_or_x_T, sampler, callback, batch_size)
     fn = SAMPLERS[sampler]
-    if isinstance(shape_or_x_T, Tensor):
-        x_T = check_tensor("shape_or_x_T", shape_or_x_T, 1)
-        n, shape = x_T.shape[0], None
-    else:
-        shape = tuple(shape_or_x_T)
-        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
-            raise ValueError(f"shape_or_x_T must be a tensor or a shape of positive ints, got {shape_or_x_T!r}")
-        n = shape[0]
-    chunk = n if batch_size is None else check_int("batch_size", batch_size, 1)
     outs, nfe, result = [], 0, None
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
@@ -109,6 +97,23 @@ def sample(
         nfe += result.nfe
     x = outs[0] if len(outs) == 1 else torch.cat(outs)
     return SampleResult(x, nfe, result.sampler, result.options)
+
+
+def _check_sample(sde: SDE, shape_or_x_T, sampler: str, callback: Callback | None, batch_size: int | None):
+    """Validate sample's arguments (in its order); returns (x_T or None, n, shape or None, chunk size)."""
+    check_choice("sampler", sampler, SAMPLERS)
+    check_sde(sde)  # before x_T is drawn from it
+    if callback is not None:
+        check_callable("callback", callback, "callback(info: dict)")
+    if isinstance(shape_or_x_T, Tensor):
+        x_T = check_tensor("shape_or_x_T", shape_or_x_T, 1)
+        n, shape = x_T.shape[0], None
+    else:
+        x_T, shape = None, tuple(shape_or_x_T)
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+            raise ValueError(f"shape_or_x_T must be a tensor or a shape of positive ints, got {shape_or_x_T!r}")
+        n = shape[0]
+    return x_T, n, shape, n if batch_size is None else check_int("batch_size", batch_size, 1)
 
 
 __all__ = [

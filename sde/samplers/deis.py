@@ -145,30 +145,42 @@ def deis(
     Raises:
         ValueError: bad order / prediction / basis / warmup / grid, steps < 1, eps outside (0, T).
     """
-    eps = check_common(sde, x_T, steps, eps)
-    check_order(order)
-    check_prediction(prediction)
-    check_choice("basis", basis, BASES)
-    check_choice("warmup", warmup, WARMUPS)
+    eps = _check_deis(sde, x_T, steps, eps, order, prediction, basis, warmup)
     ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=20)
     steps, eps = len(ts) - 1, ts[-1]
     options = dict(steps=steps, order=order, prediction=prediction, basis=basis, warmup=warmup, eps=eps, grid=grid,
                    lower_order_final=lower_order_final, denoise_final=denoise_final)
     coef, score = schedule(sde, ts), CountedScore(score_fn)
-    scale = [c[0] if prediction == "noise" else c[1] for c in coef]
-    hist: list[Tensor] = []  # past model outputs, newest first
-    x = x_T
+    x, hist = x_T, []  # hist: past model outputs, newest first
     with torch.no_grad():
         for i in steps_iter(steps, progress, "deis"):
-            m = model_output(sde, score, x, ts[i], prediction)
-            hist = [m] + hist[: order - 1]
-            emit(callback, i, times(ts[i], x), x, lambda x=x, m=m, c=coef[i]: x0_of(x, m, c, prediction))
-            if i == 0 and warmup == "singlestep" and order > 1 and steps > 1:
-                x = _midpoint_step(sde, score, x, m, coef[0], coef[1], prediction)
-                continue
-            p = step_order(order, i, steps, len(hist), lower_order_final, denoise_final)
-            cs = deis_coefficients(sde, ts, i, p, prediction, basis)
-            x = scale[i + 1] * (x / scale[i] + sum(c * mj for c, mj in zip(cs, hist)))
+            x, hist = _deis_step(sde, score, x, hist, ts, coef, i, options, callback)
         if denoise_final:
             x = denoise_step(sde, score, x, eps)
     return SampleResult(check_finite(x, "deis", options), score.calls, "deis", options)
+
+
+def _check_deis(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None, order: int, prediction: str,
+                basis: str, warmup: str) -> float | None:
+    """Validate deis's arguments (in the entry point's order); returns eps as ``check_common`` does."""
+    eps = check_common(sde, x_T, steps, eps)
+    check_order(order)
+    check_prediction(prediction)
+    check_choice("basis", basis, BASES)
+    check_choice("warmup", warmup, WARMUPS)
+    return eps
+
+
+def _deis_step(sde: SDE, score, x: Tensor, hist: list[Tensor], ts: list[float], coef: list[Coef], i: int,
+               options: dict, callback: Callback | None) -> tuple[Tensor, list[Tensor]]:
+    """Step i of deis (one score call, two for the singlestep warm-up): the new x and history (newest first)."""
+    order, prediction, steps = options["order"], options["prediction"], options["steps"]
+    m = model_output(sde, score, x, ts[i], prediction)
+    hist = [m] + hist[: order - 1]
+    emit(callback, i, times(ts[i], x), x, lambda x=x, m=m, c=coef[i]: x0_of(x, m, c, prediction))
+    if i == 0 and options["warmup"] == "singlestep" and order > 1 and steps > 1:
+        return _midpoint_step(sde, score, x, m, coef[0], coef[1], prediction), hist
+    p = step_order(order, i, steps, len(hist), options["lower_order_final"], options["denoise_final"])
+    cs = deis_coefficients(sde, ts, i, p, prediction, options["basis"])
+    scale_i, scale_j = (coef[i][0], coef[i + 1][0]) if prediction == "noise" else (coef[i][1], coef[i + 1][1])
+    return scale_j * (x / scale_i + sum(c * mj for c, mj in zip(cs, hist))), hist

@@ -134,30 +134,51 @@ def dpm_solver_sde(
         ValueError: bad order / eta / solver_type / grid, steps < 1, eps outside (0, T), a noise_sampler
             returning the wrong shape.
     """
+    eps, eta = _check_sde_solver(sde, x_T, steps, eps, order, eta, solver_type)
+    ts, coef, score = _setup(score_fn, sde, steps, eps, grid, rho, default_steps=20)
+    steps, eps = len(ts) - 1, ts[-1]
+    options = dict(steps=steps, order=order, eta=eta, solver_type=solver_type, eps=eps, grid=grid,
+                   lower_order_final=lower_order_final, denoise_final=denoise_final)
+    x, hist = x_T, []  # hist: past (model output, l), newest last
+    with torch.no_grad():
+        for i in steps_iter(steps, progress, "dpm_solver_sde"):
+            x, hist = _sde_solver_step(sde, score, x, hist, ts, coef, i, options, noise_sampler, generator, callback)
+        if denoise_final:
+            x = denoise_step(sde, score, x, eps)
+    return SampleResult(check_finite(x, "dpm_solver_sde", options), score.calls, "dpm_solver_sde", options)
+
+
+def _check_sde_solver(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None, order: int, eta: float,
+                      solver_type: str) -> tuple[float | None, float]:
+    """Validate dpm_solver_sde's arguments (in the entry point's order); returns (eps, eta as a float)."""
     eps = check_common(sde, x_T, steps, eps)
     check_order(order)
     eta = _check_eta(eta)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
-    ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=20)
-    steps, eps = len(ts) - 1, ts[-1]
-    options = dict(steps=steps, order=order, eta=eta, solver_type=solver_type, eps=eps, grid=grid,
-                   lower_order_final=lower_order_final, denoise_final=denoise_final)
-    coef, score = schedule(sde, ts), CountedScore(score_fn)
-    hist: list[tuple[Tensor, float]] = []
-    x = x_T
-    with torch.no_grad():
-        for i in steps_iter(steps, progress, "dpm_solver_sde"):
-            m = model_output(sde, score, x, ts[i], "data")
-            emit(callback, i, times(ts[i], x), x, m)
-            hist = (hist + [(m, coef[i][2])])[-3:]
-            p = step_order(order, i, steps, len(hist), lower_order_final and steps < 10, False)
-            x = _sde_step(x, hist, coef[i], coef[i + 1], p, eta, solver_type)
-            if eta > 0:
-                std = coef[i + 1][1] * math.sqrt(-math.expm1(-2.0 * eta * (coef[i + 1][2] - coef[i][2])))
-                x = x + std * _noise(noise_sampler, i, x, generator)
-        if denoise_final:
-            x = denoise_step(sde, score, x, eps)
-    return SampleResult(check_finite(x, "dpm_solver_sde", options), score.calls, "dpm_solver_sde", options)
+    return eps, eta
+
+
+def _setup(score_fn: ScoreFn, sde: SDE, steps: int | None, eps: float | None, grid: Grid, rho: float,
+           default_steps: int) -> tuple[list[float], list[Coef], CountedScore]:
+    """The time grid, its (alpha, sigma, l) schedule and the counted score, built in the entry points' order."""
+    ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=default_steps)
+    return ts, schedule(sde, ts), CountedScore(score_fn)
+
+
+def _sde_solver_step(sde: SDE, score, x: Tensor, hist: list[tuple[Tensor, float]], ts: list[float],
+                     coef: list[Coef], i: int, options: dict, noise_sampler: NoiseSampler | None, generator,
+                     callback: Callback | None) -> tuple[Tensor, list[tuple[Tensor, float]]]:
+    """Step i of dpm_solver_sde (one score call, then the step's noise when eta > 0): the new (x, hist)."""
+    eta, steps = options["eta"], options["steps"]
+    m = model_output(sde, score, x, ts[i], "data")
+    emit(callback, i, times(ts[i], x), x, m)
+    hist = (hist + [(m, coef[i][2])])[-3:]
+    p = step_order(options["order"], i, steps, len(hist), options["lower_order_final"] and steps < 10, False)
+    x = _sde_step(x, hist, coef[i], coef[i + 1], p, eta, options["solver_type"])
+    if eta > 0:
+        std = coef[i + 1][1] * math.sqrt(-math.expm1(-2.0 * eta * (coef[i + 1][2] - coef[i][2])))
+        x = x + std * _noise(noise_sampler, i, x, generator)
+    return x, hist
 
 
 def _ancestral_split(s_i: float, s_j: float, eta: float) -> tuple[float, float]:
@@ -215,28 +236,41 @@ def dpm_2s_ancestral(
     Raises:
         ValueError: eta outside [0, 1], unknown grid, steps < 1, eps outside (0, T).
     """
+    eps, eta = _check_2s_ancestral(sde, x_T, steps, eps, eta)
+    ts, coef, score = _setup(score_fn, sde, steps, eps, grid, rho, default_steps=10)
+    steps, eps = len(ts) - 1, ts[-1]
+    options = dict(steps=steps, eta=eta, eps=eps, grid=grid, denoise_final=denoise_final)
+    x = x_T
+    with torch.no_grad():
+        for i in steps_iter(steps, progress, "dpm_2s_ancestral"):
+            x = _2s_ancestral_step(sde, score, x, ts, coef, i, eta, noise_sampler, generator, callback)
+        if denoise_final:
+            x = denoise_step(sde, score, x, eps)
+    return SampleResult(check_finite(x, "dpm_2s_ancestral", options), score.calls, "dpm_2s_ancestral", options)
+
+
+def _check_2s_ancestral(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None,
+                        eta: float) -> tuple[float | None, float]:
+    """Validate dpm_2s_ancestral's arguments; returns (eps, eta as a float in [0, 1])."""
     eps = check_common(sde, x_T, steps, eps)
     eta = _check_eta(eta)
     if eta > 1:
         raise ValueError(f"eta must lie in [0, 1] for dpm_2s_ancestral, got {eta!r}")
-    ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=10)
-    steps, eps = len(ts) - 1, ts[-1]
-    options = dict(steps=steps, eta=eta, eps=eps, grid=grid, denoise_final=denoise_final)
-    coef, score = schedule(sde, ts), CountedScore(score_fn)
-    x = x_T
-    with torch.no_grad():
-        for i in steps_iter(steps, progress, "dpm_2s_ancestral"):
-            c_i, c_j = coef[i], coef[i + 1]
-            m0 = model_output(sde, score, x, ts[i], "data")
-            emit(callback, i, times(ts[i], x), x, m0)
-            s_down, s_up = _ancestral_split(c_i[1] / c_i[0], c_j[1] / c_j[0], eta)
-            if s_down > 0:
-                x, c_d = _2s_step(sde, score, x, m0, c_i, -math.log(s_down))
-                x = (c_j[0] / c_d[0]) * x  # to the target's scale alpha_j (x/alpha is the solved variable)
-            else:  # all of the step is noise: the scaled variable lands on the denoiser's output
-                x = c_j[0] * m0
-            if s_up > 0:
-                x = x + (c_j[0] * s_up) * _noise(noise_sampler, i, x, generator)
-        if denoise_final:
-            x = denoise_step(sde, score, x, eps)
-    return SampleResult(check_finite(x, "dpm_2s_ancestral", options), score.calls, "dpm_2s_ancestral", options)
+    return eps, eta
+
+
+def _2s_ancestral_step(sde: SDE, score, x: Tensor, ts: list[float], coef: list[Coef], i: int, eta: float,
+                       noise_sampler: NoiseSampler | None, generator, callback: Callback | None) -> Tensor:
+    """Step i of dpm_2s_ancestral (two score calls unless all of it is noise, then its noise)."""
+    c_i, c_j = coef[i], coef[i + 1]
+    m0 = model_output(sde, score, x, ts[i], "data")
+    emit(callback, i, times(ts[i], x), x, m0)
+    s_down, s_up = _ancestral_split(c_i[1] / c_i[0], c_j[1] / c_j[0], eta)
+    if s_down > 0:
+        x, c_d = _2s_step(sde, score, x, m0, c_i, -math.log(s_down))
+        x = (c_j[0] / c_d[0]) * x  # to the target's scale alpha_j (x/alpha is the solved variable)
+    else:  # all of the step is noise: the scaled variable lands on the denoiser's output
+        x = c_j[0] * m0
+    if s_up > 0:
+        x = x + (c_j[0] * s_up) * _noise(noise_sampler, i, x, generator)
+    return x

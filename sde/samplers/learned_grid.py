@@ -89,6 +89,21 @@ def learn_grid(
     Raises:
         ValueError: unknown sampler, steps < 2, bad counts, or sampler_options holding steps / eps / grid.
     """
+    fn = _check_learn_grid(sampler, steps, n_samples, reference_steps, sweeps, init_step, sampler_options)
+    eps = default_eps(sde) if eps is None else eps
+    x_T, ref, l_ends = _reference(score_fn, sde, fn, shape, eps, n_samples, reference_steps, generator, dtype,
+                                  device, sampler_options)
+    nfe = [ref.nfe]
+    loss = _grid_loss(score_fn, sde, fn, x_T, ref, l_ends, eps, sampler_options, nfe)
+    w = torch.zeros(steps, dtype=torch.float64)
+    best = initial = loss(w)
+    w, best = _pattern_search(loss, w, best, sweeps, init_step)
+    return LearnedGrid(_times(sde, w, l_ends) + [eps], best, initial, nfe[0])
+
+
+def _check_learn_grid(sampler: str, steps: int, n_samples: int, reference_steps: int, sweeps: int,
+                      init_step: float, sampler_options: dict):
+    """Validate learn_grid's arguments (in its order); returns the sampler's function."""
     from . import SAMPLERS
 
     check_choice("sampler", sampler, SAMPLERS)
@@ -100,13 +115,22 @@ def learn_grid(
     for key in ("steps", "eps", "grid"):
         if key in sampler_options:
             raise ValueError(f"sampler_options must not hold {key!r}: learn_grid sets it")
-    eps = default_eps(sde) if eps is None else eps
-    fn = SAMPLERS[sampler]
+    return SAMPLERS[sampler]
+
+
+def _reference(score_fn: ScoreFn, sde: SDE, fn, shape: tuple[int, ...], eps: float, n_samples: int,
+               reference_steps: int, generator, dtype, device, sampler_options: dict):
+    """The prior draws x_T, the reference solve on them (log-SNR grid) and the half-log-SNR ends (l_T, l_eps)."""
     x_T = sde.prior_sampling((n_samples, *shape), generator=generator, device=device, dtype=dtype)
     ref = fn(score_fn, sde, x_T, steps=reference_steps, eps=eps, grid="log_snr", **sampler_options)
     lam = sde.log_snr(torch.tensor([sde.T, eps], dtype=torch.float64))
-    l_ends = (0.5 * float(lam[0]), 0.5 * float(lam[1]))
-    nfe = [ref.nfe]
+    return x_T, ref, (0.5 * float(lam[0]), 0.5 * float(lam[1]))
+
+
+def _grid_loss(score_fn: ScoreFn, sde: SDE, fn, x_T: torch.Tensor, ref, l_ends: tuple[float, float], eps: float,
+               sampler_options: dict, nfe: list[int]):
+    """The error estimate of the logits w (mean squared difference to the reference; inf when not finite),
+    adding each run's score calls to nfe[0]."""
 
     def loss(w: torch.Tensor) -> float:
         res = fn(score_fn, sde, x_T, grid=_times(sde, w, l_ends) + [eps], **sampler_options)
@@ -114,10 +138,7 @@ def learn_grid(
         err = float(((res.x - ref.x) ** 2).mean())
         return err if math.isfinite(err) else math.inf
 
-    w = torch.zeros(steps, dtype=torch.float64)
-    best = initial = loss(w)
-    w, best = _pattern_search(loss, w, best, sweeps, init_step)
-    return LearnedGrid(_times(sde, w, l_ends) + [eps], best, initial, nfe[0])
+    return loss
 
 
 def _pattern_search(loss, w: torch.Tensor, best: float, sweeps: int, step: float) -> tuple[torch.Tensor, float]:

@@ -137,28 +137,42 @@ def unipc(
     Raises:
         ValueError: order not in {1, 2, 3}, unknown variant / prediction / grid, steps < 1, eps outside (0, T).
     """
-    eps = check_common(sde, x_T, steps, eps)
-    check_order(order)
-    check_choice("variant", variant, B_H)
-    check_prediction(prediction)
+    eps = _check_unipc(sde, x_T, steps, eps, order, variant, prediction)
     ts = sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=20)
     steps, eps = len(ts) - 1, ts[-1]
     options = dict(steps=steps, order=order, variant=variant, prediction=prediction, corrector=corrector,
                    eps=eps, grid=grid, lower_order_final=lower_order_final, denoise_final=denoise_final)
     coef, score = schedule(sde, ts), CountedScore(score_fn)
-    hist: list[tuple[Tensor, float]] = []  # past (model output, l), newest last
-    x, last = x_T, None  # last: (x at the previous step's start, its order) for the corrector
+    # hist: past (model output, l), newest last; last: (x at the previous step's start, its order) for UniC
+    x, hist, last = x_T, [], None
     with torch.no_grad():
         for i in steps_iter(steps, progress, "unipc"):
-            m = model_output(sde, score, x, ts[i], prediction)
-            # the callback sees the point the score was evaluated at (before UniC moves it)
-            emit(callback, i, times(ts[i], x), x, lambda x=x, m=m, c=coef[i]: x0_of(x, m, c, prediction))
-            if corrector and last is not None:
-                x = _update(last[0], hist, coef[i - 1], coef[i], last[1], prediction, variant, m)
-            hist = (hist + [(m, coef[i][2])])[-order:]
-            p = step_order(order, i, steps, len(hist), lower_order_final, denoise_final)
-            last = (x, p)
-            x = _update(x, hist, coef[i], coef[i + 1], p, prediction, variant, None)
+            x, hist, last = _unipc_step(sde, score, x, hist, last, ts, coef, i, options, callback)
         if denoise_final:
             x = denoise_step(sde, score, x, eps)
     return SampleResult(check_finite(x, "unipc", options), score.calls, "unipc", options)
+
+
+def _check_unipc(sde: SDE, x_T: Tensor, steps: int | None, eps: float | None, order: int, variant: str,
+                 prediction: str) -> float | None:
+    """Validate unipc's arguments (in the entry point's order); returns eps as ``check_common`` does."""
+    eps = check_common(sde, x_T, steps, eps)
+    check_order(order)
+    check_choice("variant", variant, B_H)
+    check_prediction(prediction)
+    return eps
+
+
+def _unipc_step(sde: SDE, score, x: Tensor, hist: list[tuple[Tensor, float]], last, ts: list[float],
+                coef: list[Coef], i: int, options: dict, callback: Callback | None):
+    """Step i of unipc (one score call): UniC on the previous step (if any), then UniP; returns the new
+    (x, hist, last)."""
+    order, prediction, variant = options["order"], options["prediction"], options["variant"]
+    m = model_output(sde, score, x, ts[i], prediction)
+    # the callback sees the point the score was evaluated at (before UniC moves it)
+    emit(callback, i, times(ts[i], x), x, lambda x=x, m=m, c=coef[i]: x0_of(x, m, c, prediction))
+    if options["corrector"] and last is not None:
+        x = _update(last[0], hist, coef[i - 1], coef[i], last[1], prediction, variant, m)
+    hist = (hist + [(m, coef[i][2])])[-order:]
+    p = step_order(order, i, options["steps"], len(hist), options["lower_order_final"], options["denoise_final"])
+    return _update(x, hist, coef[i], coef[i + 1], p, prediction, variant, None), hist, (x, p)
