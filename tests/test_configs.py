@@ -280,5 +280,6 @@ def test_score_kinds_are_a_registry_and_oracle_gives_a_typed_source():
     x = torch.zeros(3, 2, dtype=torch.float64)
     assert torch.equal(source.score_fn(x, torch.full((3,), 0.5)), source.oracle.score_fn(source.sde)(x, 0.5))
     cfg.score.kind = "nope"
-    with pytest.raises(ValueError, match=r"score.kind='nope' is not supported; choose one of \['checkpoint', 'or"):
+    allowed = r"\['checkpoint', 'diffusers', 'oracle'\]"
+    with pytest.raises(ValueError, match=r"score.kind='nope' is not supported; choose one of " + allowed):
         score_source(cfg, [], torch.device("cpu"), torch.float64)

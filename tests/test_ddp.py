@@ -150,9 +150,9 @@ def test_torchrun_sample_and_likelihood_do_not_depend_on_the_world_size(tmp_path
 
 @pytest.mark.slow
 def test_torchrun_train_uses_ddp_in_one_run_folder(tmp_path):
-    tiny = ["model=mlp", "model.net.hidden=16", "model.net.depth=1", "train.steps=6", "train.batch_size=32",
-            "train.val_every=0", "train.checkpoint_every=3", "train.warmup=2", "eval.num_samples=4",
-            "eval.bpd_samples=0", "eval.strip_frames=0", "sampler.options.steps=5"]
+    tiny = ["model=mlp", "model.net.hidden=16", "model.net.depth=1", "train.total_steps=6", "train.batch_size=32",
+            "train.eval_every=0", "train.ckpt_every=3", "train.keep_every=0", "train.warmup_steps=2",
+            "eval.num_samples=4", "eval.bpd_samples=0", "eval.strip_frames=0", "sampler.options.steps=5"]
     _torchrun("train.py", 2, tiny, tmp_path)
     run = _only_run_folder(tmp_path, "train")
     metrics = json.loads((run / "metrics.json").read_text())
