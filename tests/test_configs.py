@@ -283,3 +283,11 @@ def test_score_kinds_are_a_registry_and_oracle_gives_a_typed_source():
     allowed = r"\['checkpoint', 'diffusers', 'oracle'\]"
     with pytest.raises(ValueError, match=r"score.kind='nope' is not supported; choose one of " + allowed):
         score_source(cfg, [], torch.device("cpu"), torch.float64)
+
+
+def test_diffusers_score_refuses_sde_and_model_overrides_it_would_ignore():
+    from _common.models import score_source
+
+    cfg = _compose("sample", ["score=diffusers", "score.path=/nonexistent"], hydra_node=False)
+    with pytest.raises(ValueError, match=r"score=diffusers .*\['sde'\] would be ignored"):
+        score_source(cfg, ["score=diffusers", "sde=ve"], torch.device("cpu"), torch.float32)

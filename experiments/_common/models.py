@@ -120,8 +120,14 @@ def _from_oracle(cfg: DictConfig, overrides: list[str], device: torch.device, dt
 
 
 def _from_diffusers(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype) -> ScoreSource:
+    """score=diffusers: the model folder fixes the network and its scheduler the SDE, so sde=/model= overrides
+    would be ignored: they are refused (score.scheduler=... picks another SDE)."""
     from .pretrained import diffusers_source  # diffusers is an optional extra: imported only when asked for
 
+    ignored = sorted(overridden_groups(overrides) & {"sde", "model"})
+    if ignored:
+        raise ValueError(f"score=diffusers takes the network and the SDE from score.path (its scheduler); the "
+                         f"overrides of {ignored} would be ignored: drop them, or set score.scheduler=<folder>")
     return diffusers_source(cfg, device, dtype)
 
 
