@@ -14,22 +14,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sde import VPSDE, GaussianMixture, SubVPSDE
+from sde import VPSDE, SubVPSDE
 from sde.likelihood import dataset_bits_per_dim, log_likelihood
 from sde.samplers import SAMPLERS, sample
 
+from test_samplers_api import GM, Counter  # isort: skip  (the sampler tests' mixture and call counter)
+
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
-GM = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=F64), stds=0.3)
-
-
-class Counter:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return self.fn(x, t)
 
 
 def _x_T(n=6):
