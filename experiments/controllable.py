@@ -83,7 +83,7 @@ def _class_metrics(job: Job, x: Tensor, y: Tensor) -> dict:
 
 
 def _guided(cfg: DictConfig, job: Job, score_fn, y: Tensor) -> tuple[dict, dict]:
-    x, nfe, _ = draw(score_fn, job.sde, cfg.sampler, (cfg.num_images, *job.source.shape), generator=job.generator,
+    x, nfe, _, _ = draw(score_fn, job.sde, cfg.sampler, (cfg.num_images, *job.source.shape), generator=job.generator,
                      device=job.device, dtype=job.dtype)
     per_class = int(math.ceil(cfg.num_images / len(set(y.tolist()))))
     metrics = {"scale": float(cfg.control.scale), "nfe": nfe, **_class_metrics(job, x, y)}

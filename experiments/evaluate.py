@@ -53,7 +53,7 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
     test = load_data(source.data, split=cfg.split).data.to(device=device, dtype=dtype)
     n = min(cfg.num_samples, test.shape[0] // 2)  # the floor needs a second, disjoint set of n test points
-    x, nfe, _ = draw_sharded(source.score_fn, source.sde, cfg.sampler, (n, *test.shape[1:]), generator=generator,
+    x, nfe, _, _ = draw_sharded(source.score_fn, source.sde, cfg.sampler, (n, *test.shape[1:]), generator=generator,
                              device=device, dtype=dtype, batch_size=cfg.batch_size, seed=cfg.seed)
     if x is None:  # a torchrun rank other than 0: rank 0 scores the gathered samples
         return {}

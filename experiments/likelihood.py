@@ -17,12 +17,20 @@ import time
 import hydra
 import torch
 from _common import bpd_generator, load_data
-from _common.distributed import launched, likelihood_sharded, run_task
+from _common.distributed import chunk_nfe_list, chunk_nfe_rows, launched, likelihood_sharded, run_task
 from _common.models import num_dims, score_source
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sde._io import atomic_torch_save
+
+
+def nfe_metrics(batch_nfe: list[int]) -> dict:
+    """Score calls per ODE solve (one solve carries a whole mini-batch: its NFE is each point's trajectory's)
+    and in all: ``nfe_per_trajectory_mean`` / ``_max`` do not grow with the number of batches, ``score_calls``
+    does."""
+    return {"nfe_per_trajectory_mean": sum(batch_nfe) / len(batch_nfe), "nfe_per_trajectory_max": max(batch_nfe),
+            "score_calls": sum(batch_nfe), "solves": len(batch_nfe)}
 
 
 def _quantized(cfg: DictConfig, data, x: torch.Tensor, score_fn, sde, opts: dict, device) -> tuple[dict, object]:
@@ -34,20 +42,23 @@ def _quantized(cfg: DictConfig, data, x: torch.Tensor, score_fn, sde, opts: dict
     if not launched():
         res = data.bits_per_dim(score_fn, sde, x, generator=bpd_generator(cfg.seed, device),
                                 batch_size=cfg.batch_size, dtype=x.dtype, **opts)
-        values, logp, nfe, mean, stderr = res.values, res.logp[0], res.nfe, res.mean, res.stderr
+        values, logp, batch_nfe, mean, stderr = res.values, res.logp[0], res.batch_nfe, res.mean, res.stderr
     else:
         from sde.distributed_eval import shard_map
 
         def chunk(idx: range, g: torch.Generator):
             res = data.bits_per_dim(score_fn, sde, x[idx.start: idx.stop], generator=g, dtype=x.dtype, **opts)
-            return (res.values, res.logp[0]), res.nfe
+            return (res.values, res.logp[0], chunk_nfe_rows(res.batch_nfe, len(idx))), res.nfe
 
-        outs, nfe = shard_map(chunk, x.shape[0], seed=cfg.seed, chunk_size=cfg.batch_size or 256, device=device)
+        size = cfg.batch_size or 256
+        outs, _ = shard_map(chunk, x.shape[0], seed=cfg.seed, chunk_size=size, device=device)
         if outs is None:
             return None, None
-        values, logp = outs
+        values, logp, rows = outs
+        batch_nfe = chunk_nfe_list(rows, size)
         mean, stderr = values.mean().item(), (values.std() / values.numel() ** 0.5).item()
-    metrics = {"nfe": int(nfe), "nll_nats": -logp.mean().item(), "nll_nats_se": (logp.std() / x.shape[0] ** 0.5).item(),
+    metrics = {**nfe_metrics(batch_nfe), "nll_nats": -logp.mean().item(),
+               "nll_nats_se": (logp.std() / x.shape[0] ** 0.5).item(),
                "bpd": mean, "bpd_se": stderr, "levels": int(data.levels)}
     return metrics, (values, logp)
 
@@ -59,7 +70,7 @@ def _continuous(cfg: DictConfig, x: torch.Tensor, source, opts: dict, generator)
     if lik is None:
         return None, None
     logp, exact = lik.logp, None
-    values = {"nfe": int(lik.nfe), "nll_nats": -logp.mean().item(),
+    values = {**nfe_metrics(lik.batch_nfe), "nll_nats": -logp.mean().item(),
               "nll_nats_se": (logp.std() / x.shape[0] ** 0.5).item()}
     if source.oracle is not None:  # the ODE starts at eps, so the model density is that of p_eps, known exactly
         exact = source.oracle.log_prob(x.double(), source.sde, opts.get("eps", 1e-5))

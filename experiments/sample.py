@@ -50,14 +50,14 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
 
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
     sde, image = source.sde, source.data.image
-    x, nfe, strip = draw_sharded(source.score_fn, sde, cfg.sampler, (cfg.num_samples, *source.shape),
+    x, nfe, strip, strip_nfe = draw_sharded(source.score_fn, sde, cfg.sampler, (cfg.num_samples, *source.shape),
                                  generator=generator, device=device, dtype=dtype, batch_size=cfg.batch_size,
                                  strip_frames=cfg.strip_frames if image else 0, seed=cfg.seed)
     if x is None:  # a torchrun rank other than 0: rank 0 holds the gathered samples and writes
         return {}
     choices = HydraConfig.get().runtime.choices
     metrics = {"task": "sample", "score": source.kind, "sde": type(sde).__name__,
-               "sampler": choices.get("sampler"), "nfe": nfe, "num_samples": cfg.num_samples}
+               "sampler": choices.get("sampler"), "nfe": nfe, "strip_nfe": strip_nfe, "num_samples": cfg.num_samples}
     atomic_torch_save(x.cpu(), out / "samples.pt")
     if image:
         tracker.image("samples", plots.save_grid(x[:64], out / "samples.png"), caption=f"{cfg.sampler.name}, NFE {nfe}")

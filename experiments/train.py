@@ -147,9 +147,9 @@ def _evaluate(cfg, model, sde, test_set, x_test, tracker, out, device, dtype, ge
     from _common import plots
 
     shape = (cfg.eval.num_samples, *test_set.shape)
-    x, nfe, strip = draw(model, sde, cfg.sampler, shape, generator=generator, device=device, dtype=dtype,
-                         strip_frames=cfg.eval.strip_frames)
-    metrics.update({"sampler": cfg.sampler.name, "sample_nfe": nfe})
+    x, nfe, strip, strip_nfe = draw(model, sde, cfg.sampler, shape, generator=generator, device=device, dtype=dtype,
+                                   strip_frames=cfg.eval.strip_frames)
+    metrics.update({"sampler": cfg.sampler.name, "sample_nfe": nfe, "sample_strip_nfe": strip_nfe})
     if cfg.data.image:
         tracker.image("samples", plots.save_grid(x, out / "samples.png"), caption=f"{cfg.sampler.name}, NFE {nfe}")
         if strip:

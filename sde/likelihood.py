@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -45,15 +45,20 @@ class LikelihoodResult:
         logp: (B,) log-density of x under the model, in nats, in the space x lives in.
         z: the latent x(T), shaped like x.
         nfe: number of score-function evaluations (forward calls of ``score_fn``), summed
-            over all mini-batches. The divergence adds backward passes, not evaluations.
+            over all mini-batches (the total score calls). The divergence adds backward passes,
+            not evaluations.
         n_vjp: number of vector-Jacobian products spent on the divergence: D per evaluation
             for ``"exact"``, ``n_probes`` per evaluation for ``"hutchinson"``.
+        batch_nfe: the evaluations of each mini-batch's ODE solve, in order (one solve moves all
+            of its points together, so this is the NFE per trajectory); ``sum(batch_nfe) == nfe``.
+            Empty when the producer did not record it.
     """
 
     logp: Tensor
     z: Tensor
     nfe: int
     n_vjp: int = 0
+    batch_nfe: list[int] = field(default_factory=list)
 
 
 # -- probes and divergences (registries) -------------------------------------------------------------
@@ -279,7 +284,7 @@ def log_likelihood(
         options: torchdiffeq solver options of the method's kind; ``norm`` receives the (x, delta) pair.
 
     Returns:
-        LikelihoodResult(logp (B,) nats, z like x, nfe, n_vjp).
+        LikelihoodResult(logp (B,) nats, z like x, nfe (total), n_vjp, batch_nfe (per mini-batch solve)).
 
     Raises:
         ValueError: unknown divergence/probe/method, a fixed-grid method without steps, rtol/atol
@@ -291,20 +296,25 @@ def log_likelihood(
     _check_likelihood(x, divergence, probe, n_probes)
     solve = _check_solve(sde, method, rtol, atol, steps, eps, grid, rho, options, from_T="log_likelihood")
     score = CountedScore(score_fn)
-    logp, z = _likelihood_batches(score, sde, x, solve, divergence, probe, n_probes, generator, batch_size, progress)
+    logp, z, batch_nfe = _likelihood_batches(score, sde, x, solve, divergence, probe, n_probes, generator, batch_size,
+                                             progress)
     n_vjp_per_eval = x[0].numel() if divergence == "exact" else n_probes
-    return LikelihoodResult(logp, z, score.calls, score.calls * n_vjp_per_eval)
+    return LikelihoodResult(logp, z, score.calls, score.calls * n_vjp_per_eval, batch_nfe)
 
 
 def _likelihood_batches(score: CountedScore, sde: SDE, x: Tensor, solve: _Solve, divergence: str, probe: str,
                         n_probes: int, generator: torch.Generator | None, batch_size: int | None,
-                        progress: bool) -> tuple[Tensor, Tensor]:
-    """(logp, z) of all of x, solved mini-batch by mini-batch in order (the probes drawn batch by batch)."""
+                        progress: bool) -> tuple[Tensor, Tensor, list[int]]:
+    """(logp, z, score calls per batch) of all of x, solved mini-batch by mini-batch in order (the probes
+    drawn batch by batch)."""
     starts, size = _chunks(x, batch_size, progress, "log-likelihood")
-    parts = [_likelihood_batch(score, sde, x[i : i + size], solve, divergence, probe, n_probes, generator)
-             for i in starts]
+    parts, batch_nfe = [], []
+    for i in starts:
+        before = score.calls
+        parts.append(_likelihood_batch(score, sde, x[i : i + size], solve, divergence, probe, n_probes, generator))
+        batch_nfe.append(score.calls - before)
     logp, z = (torch.cat(part) for part in zip(*parts))
-    return logp, z
+    return logp, z, batch_nfe
 
 
 def _check_likelihood(x: Tensor, divergence: str, probe: str, n_probes: int) -> None:
@@ -448,6 +458,8 @@ class BitsPerDim:
     values: Tensor  # (B,) each sample's bits/dim, averaged over its repeats
     logp: Tensor  # (repeats, B) log-density of the dequantized points in model space, nats
     nfe: int  # score evaluations spent in all
+    batch_nfe: list[int] = field(default_factory=list)  # evaluations of each ODE solve (repeat by repeat, batch
+    # by batch); nfe == sum(batch_nfe)
 
     def __iter__(self):
         return iter((self.mean, self.stderr))
@@ -477,12 +489,12 @@ def _dequantized_levels(k: Tensor, levels: int, scale: float, shift: float, dtyp
     return scale * (k.to(dtype) + u) / levels - shift
 
 
-def _summarize(bpd: list[Tensor], logp: list[Tensor], nfe: int) -> BitsPerDim:
+def _summarize(bpd: list[Tensor], logp: list[Tensor], batch_nfe: list[int]) -> BitsPerDim:
     per = torch.stack(bpd)  # (repeats, B)
     values = per.mean(0) if per.shape[1] > 1 else per[:, 0]
     stderr = values.std() / math.sqrt(values.numel()) if values.numel() > 1 else torch.tensor(float("nan"))
     return BitsPerDim(mean=per.mean().item(), stderr=stderr.item(), values=per.mean(0), logp=torch.stack(logp),
-                      nfe=nfe)
+                      nfe=sum(batch_nfe), batch_nfe=batch_nfe)
 
 
 def dataset_bits_per_dim(
@@ -533,7 +545,7 @@ def dataset_bits_per_dim(
     check_positive("scale", scale)
     shift = scale / 2 if shift is None else float(shift)
     k, dtype = _as_levels(x, levels, dtype)
-    bpd, logp, nfe = [], [], 0
+    bpd, logp, batch_nfe = [], [], []
     for _ in range(repeats):
         y = _dequantized_levels(k, levels, scale, shift, dtype, generator)
         res = log_likelihood(
@@ -541,5 +553,5 @@ def dataset_bits_per_dim(
         )
         bpd.append(bits_per_dim(res.logp, y, levels=levels, scale=scale))
         logp.append(res.logp)
-        nfe += int(res.nfe)
-    return _summarize(bpd, logp, nfe)
+        batch_nfe += res.batch_nfe
+    return _summarize(bpd, logp, batch_nfe)

@@ -157,8 +157,8 @@ def draw_sharded(score_fn, sde, sampler_cfg: DictConfig, shape: tuple[int, ...],
     """:func:`_common.sampling.draw`, sharded over the ranks of a launch in chunks of ``batch_size``.
 
     Returns:
-        (x, nfe, strip) as ``draw``; under a launch ``x`` is None on ranks other than 0, ``nfe`` sums
-        over all chunks and the strip follows chunk 0 (on rank 0).
+        (x, nfe, strip, strip_nfe) as ``draw``; under a launch ``x`` is None on ranks other than 0,
+        ``nfe`` sums over all chunks and the strip (and its ``strip_nfe``) follows chunk 0 (on rank 0).
     """
     from sde.distributed_eval import shard_map
 
@@ -167,17 +167,18 @@ def draw_sharded(score_fn, sde, sampler_cfg: DictConfig, shape: tuple[int, ...],
     if not launched():
         return draw(score_fn, sde, sampler_cfg, shape, generator=generator, device=device, dtype=dtype,
                     batch_size=batch_size, strip_frames=strip_frames)
-    kept: dict[str, list] = {"strip": []}
+    kept: dict[str, Any] = {"strip": [], "strip_nfe": 0}
 
     def chunk(idx: range, g: torch.Generator):
         frames = strip_frames if idx.start == 0 else 0
-        x, nfe, strip = draw(score_fn, sde, sampler_cfg, (len(idx), *shape[1:]), generator=g, device=device,
-                             dtype=dtype, strip_frames=frames)
-        kept["strip"] = strip or kept["strip"]
+        x, nfe, strip, strip_nfe = draw(score_fn, sde, sampler_cfg, (len(idx), *shape[1:]), generator=g,
+                                        device=device, dtype=dtype, strip_frames=frames)
+        if strip:
+            kept.update(strip=strip, strip_nfe=strip_nfe)
         return x, nfe
 
     outs, nfe = shard_map(chunk, shape[0], seed=seed, chunk_size=_chunk_size(batch_size), device=device)
-    return (None if outs is None else outs[0]), nfe, kept["strip"]
+    return (None if outs is None else outs[0]), nfe, kept["strip"], kept["strip_nfe"]
 
 
 def likelihood_sharded(score_fn, sde, x: torch.Tensor, *, generator: torch.Generator, seed: int,
@@ -187,7 +188,8 @@ def likelihood_sharded(score_fn, sde, x: torch.Tensor, *, generator: torch.Gener
 
     Returns:
         (LikelihoodResult, y): the result over all points and the (dequantized) points it scored; under a
-        launch (None, None) on ranks other than 0, every chunk drawing its own generator.
+        launch (None, None) on ranks other than 0, every chunk drawing its own generator (one ODE solve per
+        chunk: ``batch_nfe`` lists each chunk's evaluations in chunk order, ``nfe`` their sum).
     """
     from sde.distributed_eval import shard_map
     from sde.likelihood import LikelihoodResult, log_likelihood
@@ -203,10 +205,21 @@ def likelihood_sharded(score_fn, sde, x: torch.Tensor, *, generator: torch.Gener
         y = y if preprocess is None else preprocess(y, g)
         res = log_likelihood(score_fn, sde, y, generator=g, **options)
         vjp_per_eval[0] = res.n_vjp // max(res.nfe, 1)  # D (exact) or n_probes: the same for every chunk
-        return (res.logp, res.z, y), res.nfe
+        return (res.logp, res.z, y, chunk_nfe_rows(res.batch_nfe, len(idx))), res.nfe
 
-    outs, nfe = shard_map(chunk, x.shape[0], seed=seed, chunk_size=_chunk_size(batch_size), device=x.device)
+    size = _chunk_size(batch_size)
+    outs, nfe = shard_map(chunk, x.shape[0], seed=seed, chunk_size=size, device=x.device)
     if outs is None:
         return None, None
-    logp, z, y = outs
-    return LikelihoodResult(logp, z, nfe, nfe * vjp_per_eval[0]), y
+    logp, z, y, rows = outs
+    return LikelihoodResult(logp, z, nfe, nfe * vjp_per_eval[0], chunk_nfe_list(rows, size)), y
+
+
+def chunk_nfe_rows(batch_nfe: list[int], rows: int) -> torch.Tensor:
+    """A chunk's per-solve evaluations repeated on each of its ``rows`` rows, so ``shard_map`` gathers them."""
+    return torch.tensor(batch_nfe, dtype=torch.int64).expand(rows, len(batch_nfe))
+
+
+def chunk_nfe_list(rows: torch.Tensor, chunk_size: int) -> list[int]:
+    """The gathered :func:`chunk_nfe_rows` back as every solve's evaluations, in chunk order."""
+    return rows[::chunk_size].flatten().tolist()

@@ -15,9 +15,11 @@ def draw(score_fn, sde, sampler_cfg: DictConfig, shape: tuple[int, ...], *, gene
     """Sample ``shape`` with the configured sampler.
 
     Returns:
-        (x, nfe, strip): samples, score evaluations spent, and for ``strip_frames > 0`` a list of
-        (B', C, H, W)-like tensors alternating x_t and x0_hat rows at evenly spaced steps
-        (from the sampler callback), for :func:`plots.save_strip`.
+        (x, nfe, strip, strip_nfe): samples, the sampler's own score evaluations (the same with or
+        without a strip), for ``strip_frames > 0`` a list of (B', C, H, W)-like tensors alternating
+        x_t and x0_hat rows at evenly spaced steps (from the sampler callback), for
+        :func:`plots.save_strip`, and the extra score evaluations the strip cost
+        (``SampleResult.callback_nfe``: one per grid point for ``ode``, 0 for the other samplers).
     """
     from sde.samplers import sample
 
@@ -42,5 +44,5 @@ def draw(score_fn, sde, sampler_cfg: DictConfig, shape: tuple[int, ...], *, gene
         x0s = [record[p][2] for p in picks] + [res.x[:strip_samples]]
         # Rows: sample j's x_t trajectory, then its x0_hat trajectory just below.
         strip = [torch.stack([a, b], 1).flatten(0, 1) for a, b in zip(xs, x0s)]
-    return res.x, int(res.nfe), strip
+    return res.x, int(res.nfe), strip, int(res.callback_nfe)
 

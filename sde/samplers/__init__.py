@@ -75,7 +75,8 @@ def sample(
             steps, eps, grid and rho (docs/samplers.md, "Time grids").
 
     Returns:
-        SampleResult(x, nfe, sampler, options); with batching nfe sums over chunks.
+        SampleResult(x, nfe, sampler, options, callback_nfe); with batching nfe and callback_nfe
+        sum over chunks.
 
     Raises:
         ValueError: unknown sampler, bad shape or batch_size, a non-finite x_T, a score output not
@@ -85,7 +86,7 @@ def sample(
     """
     x_T, n, shape, chunk = _check_sample(sde, shape_or_x_T, sampler, callback, batch_size)
     fn = SAMPLERS[sampler]
-    outs, nfe, result = [], 0, None
+    outs, nfe, extra, result = [], 0, 0, None
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         if shape is None:
@@ -95,8 +96,9 @@ def sample(
         result = fn(score_fn, sde, x_T_chunk, generator=generator, callback=callback, progress=progress, **options)
         outs.append(result.x)
         nfe += result.nfe
+        extra += result.callback_nfe
     x = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return SampleResult(x, nfe, result.sampler, result.options)
+    return SampleResult(x, nfe, result.sampler, result.options, callback_nfe=extra)
 
 
 def _check_sample(sde: SDE, shape_or_x_T, sampler: str, callback: Callback | None, batch_size: int | None):

@@ -35,15 +35,20 @@ class SampleResult:
 
     Attributes:
         x: the samples, shaped like x_T.
-        nfe: the exact number of score evaluations (each call counts once, whatever the batch).
+        nfe: the exact number of score evaluations the sampler itself spent (each call counts once,
+            whatever the batch); the same with or without a callback.
         sampler: the sampler's name.
         options: the options it ran with (after defaults were filled in).
+        callback_nfe: score evaluations spent only to give the callback its ``x0_hat``, not part of
+            ``nfe`` (total calls = nfe + callback_nfe). Only ``ode`` spends any (one per grid point,
+            since its solver evaluates between the points); 0 without a callback.
     """
 
     x: Tensor
     nfe: int
     sampler: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    callback_nfe: int = 0
 
 
 class CountedScore:

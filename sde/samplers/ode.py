@@ -52,7 +52,7 @@ def ode(
         score_fn, sde, x_T, generator, progress: the shared sampler arguments (see ``sample``); the
             ODE draws no noise, so ``generator`` is unused.
         callback: called at each grid point before its interval with {"i", "t", "x", "x0_hat"}; costs
-            one extra (counted) score call there for x0_hat.
+            one extra score call there for x0_hat, counted in ``callback_nfe``, not in ``nfe``.
         method: the torchdiffeq method, a name in ``sde.flow.ODE_METHODS``: adaptive ("dopri5", "dopri8",
             "bosh3", "fehlberg2", "adaptive_heun") or fixed-grid ("euler", "midpoint", "heun2", "heun3",
             "rk4", "explicit_adams", "implicit_adams", "fixed_adams").
@@ -70,7 +70,8 @@ def ode(
             ``first_step`` = 1% of each interval.
 
     Returns:
-        SampleResult with nfe the exact number of score calls.
+        SampleResult with nfe the exact number of the solver's score calls (+1 with denoise_final)
+        and callback_nfe the callback's extra calls (one per grid point it was called at).
 
     Raises:
         ValueError: unknown method or grid, a fixed-grid method without ``steps``, steps < 1,
@@ -83,17 +84,17 @@ def ode(
     ts = ode_times(sde, method, steps, default_eps(sde) if eps is None and named else eps, grid, rho=rho)
     opts = dict(method=method, rtol=rtol, atol=atol, steps=None if steps is None and named else len(ts) - 1,
                 eps=ts[-1], grid=grid, denoise_final=denoise_final)
-    score = CountedScore(score_fn)
+    score, extra = CountedScore(score_fn), CountedScore(score_fn)  # the solver's calls; the callback's x0_hat calls
     with torch.no_grad():
-        x = _solve(sde, score, x_T, ts, opts, options, callback, progress)
+        x = _solve(sde, score, extra, x_T, ts, opts, options, callback, progress)
         if denoise_final:
             x = denoise_step(sde, score, x, ts[-1])
-    return SampleResult(check_finite(x, "ode", opts), score.calls, "ode", opts)
+    return SampleResult(check_finite(x, "ode", opts), score.calls, "ode", opts, callback_nfe=extra.calls)
 
 
-def _solve(sde: SDE, score: ScoreFn, x_T: Tensor, ts: list[float], opts: dict, options: dict,
+def _solve(sde: SDE, score: ScoreFn, extra: ScoreFn, x_T: Tensor, ts: list[float], opts: dict, options: dict,
            callback: Callback | None, progress: bool) -> Tensor:
-    """The PF-ODE from ts[0] down to ts[-1] through ``sde.flow.integrate_ode``."""
+    """The PF-ODE from ts[0] down to ts[-1] through ``sde.flow.integrate_ode``; ``extra`` gives x0_hat."""
     batch = x_T.shape[0]
 
     def velocity(t: Tensor, x: Tensor) -> Tensor:
@@ -101,7 +102,7 @@ def _solve(sde: SDE, score: ScoreFn, x_T: Tensor, ts: list[float], opts: dict, o
 
     def at_point(i: int, t: float, x: Tensor) -> None:
         tt = times(t, x)
-        emit(callback, i, tt, x, tweedie(sde, x, tt, score(x, tt)))
+        emit(callback, i, tt, x, tweedie(sde, x, tt, extra(x, tt)))
 
     return integrate_ode(velocity, x_T, ts, method=opts["method"], rtol=opts["rtol"], atol=opts["atol"],
                          options=options, first_step=FIRST_STEP, callback=None if callback is None else at_point,
