@@ -33,8 +33,7 @@ def ode(
     score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, generator: torch.Generator | None = None,
     callback: Callback | None = None, progress: bool = False,
     method: str = "dopri5",  # a name in sde.flow.ODE_METHODS
-    rtol: float = 1e-5,  # relative tolerance of adaptive methods
-    atol: float = 1e-5,  # absolute tolerance of adaptive methods
+    rtol: float = 1e-5, atol: float = 1e-5,  # relative / absolute tolerance of adaptive methods
     steps: int | None = None,  # grid intervals: required by fixed-grid methods, optional output grid for adaptive ones
     eps: float | None = None,  # end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE)
     grid: Grid = "uniform",  # name in GRIDS (used when steps is given), or the decreasing times themselves
@@ -49,8 +48,7 @@ def ode(
     ``sde.flow`` exactly as ``encode`` / ``decode`` / ``log_likelihood`` do.
 
     Args:
-        score_fn, sde, x_T, generator, progress: the shared sampler arguments (see ``sample``); the
-            ODE draws no noise, so ``generator`` is unused.
+        score_fn, sde, x_T, generator, progress: the shared sampler arguments (``sample``); no noise is drawn.
         callback: called at each grid point before its interval with {"i", "t", "x", "x0_hat"}; costs
             one extra score call there for x0_hat, counted in ``callback_nfe``, not in ``nfe``.
         method: the torchdiffeq method, a name in ``sde.flow.ODE_METHODS``: adaptive ("dopri5", "dopri8",
