@@ -114,15 +114,12 @@ def _digits_mlp_workload(steps: int, batch: int):
 
 def _checkpoint_workload(path: str, batch: int):
     """A model written by experiments/train.py, scored on its data set's dequantized test split."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common.models import load_checkpoint
-    from omegaconf import OmegaConf
+    from sde.checkpoint import load_score_model
 
-    request = OmegaConf.create({"task": "likelihood", "score": {"path": path}, "sde": {}, "model": {}, "data": {}})
-    model, cfg, _ = load_checkpoint(request, [], torch.device("cpu"), torch.float32)
-    test = load_dataset(cfg.data.name, split="test")
+    loaded = load_score_model(path, dtype=torch.float32)
+    test = load_dataset(loaded.spec["data"]["name"], split="test")
     y = dequantize(test.data[:batch], test.levels, generator=torch.Generator().manual_seed(2))
-    return model, model.sde, y, test.bpd_options()
+    return loaded.model, loaded.sde, y, test.bpd_options()
 
 
 def _bpd(logp, x, opts):

@@ -18,14 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sde.checkpoint import Flatten, build_score_model, diff_dicts, load_score_model, model_spec
+from sde.checkpoint import Flatten, build_score_model, diff_dicts, load_score_model
 from sde.checkpoint import build_sde as _build_sde
 
 from . import to_plain
 
 __all__ = [
     "Flatten", "build_sde", "build_model", "config_diff", "overridden_groups", "ScoreSource", "SCORE_KINDS",
-    "score_source", "load_checkpoint", "CHECKPOINT_KEYS", "num_dims",
+    "score_source", "CHECKPOINT_KEYS", "num_dims",
 ]  # fmt: skip
 
 CHECKPOINT_KEYS = ("sde", "model", "data")  # the config groups a checkpoint fixes
@@ -151,16 +151,6 @@ def score_source(cfg: DictConfig, overrides: list[str], device: torch.device, dt
     if kind not in SCORE_KINDS:
         raise ValueError(f"score.kind={kind!r} is not supported; choose one of {sorted(SCORE_KINDS)}")
     return SCORE_KINDS[kind](cfg, overrides, device, dtype)
-
-
-def load_checkpoint(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype):
-    """(model, cfg with the checkpoint's sde/model/data, checkpoint dict) for scripts that want a config back."""
-    source = _from_checkpoint(cfg, overrides, device, dtype)
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    for key, node in model_spec(source.checkpoint, source.checkpoint_path).items():
-        cfg[key] = OmegaConf.create(node)
-    return source.model, cfg, source.checkpoint
 
 
 def num_dims(shape) -> int:
