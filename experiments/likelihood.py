@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sde._io import atomic_torch_save
+from sde.likelihood import BitsPerDim
 
 
 def nfe_metrics(batch_nfe: list[int]) -> dict:
@@ -42,7 +43,6 @@ def _quantized(cfg: DictConfig, data, x: torch.Tensor, score_fn, sde, opts: dict
     if not launched():
         res = data.bits_per_dim(score_fn, sde, x, generator=bpd_generator(cfg.seed, device),
                                 batch_size=cfg.batch_size, dtype=x.dtype, **opts)
-        values, logp, batch_nfe, mean, stderr = res.values, res.logp[0], res.batch_nfe, res.mean, res.stderr
     else:
         from sde.distributed_eval import shard_map
 
@@ -55,8 +55,8 @@ def _quantized(cfg: DictConfig, data, x: torch.Tensor, score_fn, sde, opts: dict
         if outs is None:
             return None, None
         values, logp, rows = outs
-        batch_nfe = chunk_nfe_list(rows, size)
-        mean, stderr = values.mean().item(), (values.std() / values.numel() ** 0.5).item()
+        res = BitsPerDim.from_draws([values], [logp], chunk_nfe_list(rows, size))  # one summary rule
+    values, logp, batch_nfe, mean, stderr = res.values, res.logp[0], res.batch_nfe, res.mean, res.stderr
     metrics = {**nfe_metrics(batch_nfe), "nll_nats": -logp.mean().item(),
                "nll_nats_se": (logp.std() / x.shape[0] ** 0.5).item(),
                "bpd": mean, "bpd_se": stderr, "levels": int(data.levels)}

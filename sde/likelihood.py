@@ -464,6 +464,24 @@ class BitsPerDim:
     def __iter__(self):
         return iter((self.mean, self.stderr))
 
+    @classmethod
+    def from_draws(cls, bpd: list[Tensor], logp: list[Tensor], batch_nfe: list[int]) -> BitsPerDim:
+        """The summary of ``repeats`` draws: per-draw (B,) bits/dim and log-densities, and the solves' nfe.
+
+        Args:
+            bpd: one (B,) tensor of bits/dim per dequantization draw.
+            logp: the matching (B,) log-densities in model space, nats.
+            batch_nfe: score calls of each mini-batch solve.
+
+        Returns:
+            The mean over samples and draws, the standard error over samples (over draws for one sample).
+        """
+        per = torch.stack(bpd)  # (repeats, B)
+        values = per.mean(0) if per.shape[1] > 1 else per[:, 0]
+        stderr = values.std() / math.sqrt(values.numel()) if values.numel() > 1 else torch.tensor(float("nan"))
+        return cls(mean=per.mean().item(), stderr=stderr.item(), values=per.mean(0), logp=torch.stack(logp),
+                   nfe=sum(batch_nfe), batch_nfe=batch_nfe)
+
 
 def _as_levels(x: Tensor, levels: int, dtype: torch.dtype | None) -> tuple[Tensor, torch.dtype]:
     """(integer levels k, model-space dtype) of x: integers in [0, levels - 1] or floats on the grid k/(levels-1)."""
@@ -487,14 +505,6 @@ def _dequantized_levels(k: Tensor, levels: int, scale: float, shift: float, dtyp
     """y = scale * (k + u) / levels - shift, u ~ U[0, 1)^D: level k's bin in model space."""
     u = torch.rand(k.shape, generator=generator, device=k.device, dtype=dtype)
     return scale * (k.to(dtype) + u) / levels - shift
-
-
-def _summarize(bpd: list[Tensor], logp: list[Tensor], batch_nfe: list[int]) -> BitsPerDim:
-    per = torch.stack(bpd)  # (repeats, B)
-    values = per.mean(0) if per.shape[1] > 1 else per[:, 0]
-    stderr = values.std() / math.sqrt(values.numel()) if values.numel() > 1 else torch.tensor(float("nan"))
-    return BitsPerDim(mean=per.mean().item(), stderr=stderr.item(), values=per.mean(0), logp=torch.stack(logp),
-                      nfe=sum(batch_nfe), batch_nfe=batch_nfe)
 
 
 def dataset_bits_per_dim(
@@ -554,4 +564,4 @@ def dataset_bits_per_dim(
         bpd.append(bits_per_dim(res.logp, y, levels=levels, scale=scale))
         logp.append(res.logp)
         batch_nfe += res.batch_nfe
-    return _summarize(bpd, logp, batch_nfe)
+    return BitsPerDim.from_draws(bpd, logp, batch_nfe)
