@@ -49,12 +49,15 @@ def quality(x: torch.Tensor, ref: torch.Tensor, digits: bool, generator: torch.G
 
 def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common import plots
+    from _common.console import progress_enabled, report
 
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
     test = load_data(source.data, split=cfg.split).data.to(device=device, dtype=dtype)
     n = min(cfg.num_samples, test.shape[0] // 2)  # the floor needs a second, disjoint set of n test points
+    report("evaluate: %d samples with sampler=%s against %d test points", n, cfg.sampler.name, n)
     x, nfe, _, _ = draw_sharded(source.score_fn, source.sde, cfg.sampler, (n, *test.shape[1:]), generator=generator,
-                             device=device, dtype=dtype, batch_size=cfg.batch_size, seed=cfg.seed)
+                             device=device, dtype=dtype, batch_size=cfg.batch_size, seed=cfg.seed,
+                             progress=progress_enabled(cfg.progress))
     if x is None:  # a torchrun rank other than 0: rank 0 scores the gathered samples
         return {}
     digits = source.data.name == "digits"
@@ -67,7 +70,9 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     if source.data.image:
         tracker.image("samples", plots.save_grid(x[:64], out / "samples.png"))
     else:
-        tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=test))
+        title = f"{metrics['sde']} / {cfg.sampler.name} (NFE {nfe})"
+        tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=test, title=title,
+                                                    reference_label="test data"))
     return metrics
 
 

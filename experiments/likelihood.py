@@ -81,13 +81,16 @@ def _continuous(cfg: DictConfig, x: torch.Tensor, source, opts: dict, generator)
 
 def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common import plots
+    from _common.console import progress_enabled, report
 
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
     data = load_data(source.data, split=cfg.split)
     x = data.data.to(device=device, dtype=dtype)
     if cfg.num_points:
         x = x[: cfg.num_points]
-    opts = OmegaConf.to_container(cfg.likelihood, resolve=True)
+    opts = {**OmegaConf.to_container(cfg.likelihood, resolve=True), "progress": progress_enabled(cfg.progress)}
+    report("likelihood: %d %s points, divergence=%s, method=%s", x.shape[0], cfg.split, opts["divergence"],
+           opts["method"])
     metrics = {"task": "likelihood", "score": source.kind, "sde": type(source.sde).__name__, "points": x.shape[0],
                "dims": num_dims(data.shape), "divergence": opts["divergence"]}
     t0 = time.perf_counter()

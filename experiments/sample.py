@@ -11,6 +11,8 @@ and the mean exact log-density. A multirun leaves results.csv / results.md in it
 
 from __future__ import annotations
 
+import time
+
 import hydra
 import torch
 from _common.distributed import draw_sharded, run_task
@@ -47,12 +49,18 @@ def oracle_metrics(x: torch.Tensor, oracle, cfg: DictConfig, generator: torch.Ge
 
 def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common import plots
+    from _common.console import progress_enabled, report
 
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
     sde, image = source.sde, source.data.image
+    report("sample: %d samples with sampler=%s (%s, score=%s)", cfg.num_samples, cfg.sampler.name,
+           type(sde).__name__, source.kind)
+    t0 = time.perf_counter()
     x, nfe, strip, strip_nfe = draw_sharded(source.score_fn, sde, cfg.sampler, (cfg.num_samples, *source.shape),
                                  generator=generator, device=device, dtype=dtype, batch_size=cfg.batch_size,
-                                 strip_frames=cfg.strip_frames if image else 0, seed=cfg.seed)
+                                 strip_frames=cfg.strip_frames if image else 0, seed=cfg.seed,
+                                 progress=progress_enabled(cfg.progress))
+    report("sample: done in %.1f s, nfe %d (strip %d)", time.perf_counter() - t0, nfe, strip_nfe)
     if x is None:  # a torchrun rank other than 0: rank 0 holds the gathered samples and writes
         return {}
     choices = HydraConfig.get().runtime.choices
@@ -64,9 +72,12 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
         if strip:
             tracker.image("denoising_strip", plots.save_strip(strip, out / "strip.png"))
     else:
-        reference = source.oracle.sample(4000, generator=generator) if source.oracle is not None else None
+        oracle = source.oracle
+        reference = oracle.sample(4000, generator=generator) if oracle is not None else None
         title = f"{metrics['sde']} / {cfg.sampler.name} (NFE {nfe})"
-        tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=reference, title=title))
+        tracker.image("samples", plots.save_scatter(
+            x, out / "samples_2d.png", reference=reference, title=title, reference_label="oracle samples",
+            log_density=None if oracle is None else (lambda z: oracle.log_prob(z.to(reference)))))
     if source.oracle is not None:
         metrics.update(oracle_metrics(x, source.oracle, cfg, generator))
     return metrics

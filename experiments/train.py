@@ -1,7 +1,9 @@
 """Train a score model, then sample a grid, measure test bits/dim and save pictures.
 
-    python experiments/train.py                       # digits, VP SDE, MLP: the main job
-    python experiments/train.py sde=ve model=unet train.total_steps=2000 logger=none
+    python experiments/train.py                       # digits, VP SDE, the small U-Net: the main job
+    python experiments/train.py model=mlp train.total_steps=10000   # a residual MLP instead (faster, noisier)
+    python experiments/train.py sde=ve train.total_steps=2000 logger=none
+    python experiments/train.py progress=false        # no bars (the default "auto" shows them in a terminal)
     python experiments/train.py -m sde=vp,subvp,ve    # a sweep; results.md in the sweep folder
     python experiments/train.py model.net.num_classes=10 loss.label_dropout=0.1  # conditional (CFG-ready)
     python experiments/train.py train.resume=last     # continue the newest killed run of this name in its folder
@@ -13,7 +15,10 @@ dataset's convention (ArrayDataset.bits_per_dim), so both score the same continu
 Training runs in sde.training.Trainer (EMA, warm-up, clipping, atomic checkpoints, resume). Writes into
 its run folder: train_config.json (at the start), checkpoint.pt (the Trainer's checkpoint format, like
 checkpoints/latest.pt, best.pt, step_*.pt), samples.png (or samples_2d.png), strip.png, metrics.json (at
-the end: a run without it is unfinished); prints a summary table at the end.
+the end: a run without it is unfinished); prints a summary table at the end. The config is checked
+(:func:`check_train_config`: the ``train:`` node as TrainConfig, the loss) before anything is written.
+Progress: a tqdm bar (step, loss, steps/s, ETA) when ``progress`` (``auto``: in a terminal), and the same
+numbers every ``train.log_every`` steps in ``<run>/train.log`` (Python logging through Hydra's job logging).
 """
 
 from __future__ import annotations
@@ -89,16 +94,71 @@ def _labels(cfg: DictConfig, data_set, num_classes: int, device) -> torch.Tensor
     return data_set.labels.to(device)
 
 
+def _train_fields(cfg: DictConfig) -> dict:
+    """The ``train:`` node as TrainConfig's fields; ``train.progress`` (auto | true | false) becomes a bool."""
+    from _common.console import progress_enabled
+
+    fields = to_plain(cfg.train)
+    fields["progress"] = progress_enabled(fields.get("progress", "auto"), "train.progress")
+    return fields
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Before anything is written: ``TrainConfig(**train)`` (errors name ``train.<field>``), the loss recipe and
+    ``loss.label_dropout``. ``train.resume`` is checked by :func:`_common.resume.start`."""
+    from _common.checks import prefixed
+
+    from sde.losses import get_weighting
+    from sde.training import TrainConfig
+
+    fields = {**_train_fields(cfg), "resume": True}
+    prefixed("train", fields, lambda: TrainConfig(**fields))
+    params = {k: v for k, v in cfg.loss.items() if k not in _LOSS_APP_KEYS}
+    prefixed("loss", {"weighting", *params}, lambda: get_weighting(cfg.loss.weighting, **params))
+    _label_dropout(cfg)
+
+
 def train_config(cfg: DictConfig, out, n_train: int, resume: bool):
     """``TrainConfig(**cfg.train)``: the node mirrors it field for field; the app fills the run folder
     (out_dir null -> <run>/checkpoints), the resume decision, caps the batch at the training-set size and
     splits it over the ranks under torchrun (``train.batch_size`` is the global batch)."""
     from sde.training import TrainConfig
 
-    fields = to_plain(cfg.train)
+    fields = _train_fields(cfg)
     fields.update(out_dir=fields["out_dir"] or str(out / "checkpoints"), resume=resume,
                   batch_size=per_rank_batch(min(int(fields["batch_size"]), n_train)))
     return TrainConfig(**fields)
+
+
+def _progress_logger(tracker, config, started: float):
+    """The Trainer's ``log_fn``: W&B keys ``train/<metric>`` and ``val/loss``, and one log line per call
+    (step, loss, steps/s, ETA) in train.log, also on the console when no bar shows them."""
+    from _common.console import report
+
+    def log_fn(m: dict) -> None:
+        step = int(m.pop("step"))
+        tracker.log({_WANDB_KEYS.get(k, f"train/{k}"): v for k, v in m.items()}, step=step)
+        if "loss" in m:
+            rate = m.get("steps_per_sec", math.nan)
+            eta = (config.total_steps - step) / rate if rate and math.isfinite(rate) else math.nan
+            report("train: step %d/%d loss %.4g lr %.3g grad_norm %.3g %.2f steps/s ETA %s (%.0f s elapsed)",
+                   step, config.total_steps, m["loss"], m.get("lr", math.nan), m.get("grad_norm", math.nan),
+                   rate, _clock(eta), time.perf_counter() - started, console=not config.progress)
+        else:
+            report("train: step %d %s", step, " ".join(f"{k} {v:.4g}" for k, v in m.items()),
+                   console=not config.progress)
+
+    return log_fn
+
+
+_WANDB_KEYS = {"val_loss": "val/loss"}  # metrics.json's flat name -> the W&B key (docs/experiments.md)
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
@@ -122,13 +182,10 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     loss_fn = _loss_function(cfg, train_set, num_classes)
     hooks = [lambda step, model, ema_model: {"val_loss": _validation_loss(ema_model, loss_fn, x_test, y_test, cfg)}]
 
-    def log_fn(m: dict) -> None:
-        step = int(m.pop("step"))
-        tracker.log({(k if k.startswith("val") else f"train/{k}"): v for k, v in m.items()}, step=step)
-
-    trainer = Trainer(model, sde, x_train, config, labels=y_train, loss_fn=loss_fn, callbacks=hooks, log_fn=log_fn,
-                      model_config={k: to_plain(cfg[k]) for k in CHECKPOINT_KEYS}, device=device)
     t0 = time.perf_counter()
+    trainer = Trainer(model, sde, x_train, config, labels=y_train, loss_fn=loss_fn, callbacks=hooks,
+                      log_fn=_progress_logger(tracker, config, t0),
+                      model_config={k: to_plain(cfg[k]) for k in CHECKPOINT_KEYS}, device=device)
     final = trainer.fit()
     metrics: dict = {"params": sum(p.numel() for p in model.parameters()), "steps": trainer.step,
                      "train_loss": final.get("loss", math.nan), "train_seconds": time.perf_counter() - t0}
@@ -138,30 +195,44 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     if not trainer.dist.is_main:  # a torchrun rank other than 0: rank 0 writes and evaluates
         return {}
     metrics["world_size"] = trainer.dist.world_size
-    if cfg.logger.get("log_checkpoints", False):
-        tracker.artifact(ckpt, name=f"{cfg.name}-checkpoint", type="model")
+    if cfg.logger.get("log_checkpoints", False) and tracker.enabled:
+        name = checkpoint_artifact_name(cfg)
+        ref = tracker.artifact(ckpt, name=name, type="model",
+                               metadata={"metrics": dict(metrics), **{k: to_plain(cfg[k]) for k in CHECKPOINT_KEYS}})
+        metrics.update({"checkpoint_artifact": name, **({"checkpoint_artifact_ref": ref} if ref else {})})
     return _evaluate(cfg, trainer.ema.model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics)
+
+
+def checkpoint_artifact_name(cfg: DictConfig) -> str:
+    """The W&B artifact of train.py's checkpoint.pt: one name per (sde, model, data) choice, e.g.
+    ``score-vp-unet-digits``, so the versions of one name are runs of the same kind of model."""
+    choices = HydraConfig.get().runtime.choices
+    parts = [str(choices.get(k) or cfg[k].get("name") or k) for k in CHECKPOINT_KEYS]
+    return "-".join(["score", *parts]).replace("/", "-")
 
 
 def _evaluate(cfg, model, sde, test_set, x_test, tracker, out, device, dtype, generator, metrics) -> dict:
     from _common import plots
+    from _common.console import progress_enabled
 
+    bars = progress_enabled(cfg.progress)
     shape = (cfg.eval.num_samples, *test_set.shape)
     x, nfe, strip, strip_nfe = draw(model, sde, cfg.sampler, shape, generator=generator, device=device, dtype=dtype,
-                                   strip_frames=cfg.eval.strip_frames)
+                                   strip_frames=cfg.eval.strip_frames, progress=bars)
     metrics.update({"sampler": cfg.sampler.name, "sample_nfe": nfe, "sample_strip_nfe": strip_nfe})
     if cfg.data.image:
         tracker.image("samples", plots.save_grid(x, out / "samples.png"), caption=f"{cfg.sampler.name}, NFE {nfe}")
         if strip:
             tracker.image("denoising_strip", plots.save_strip(strip, out / "strip.png"))
     else:
-        tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=x_test, title=cfg.name))
+        tracker.image("samples", plots.save_scatter(x, out / "samples_2d.png", reference=x_test, title=cfg.name,
+                                                    reference_label="test data"))
     n_bpd = min(cfg.eval.bpd_samples, x_test.shape[0])
     if n_bpd > 0 and getattr(test_set, "levels", None):
         # The dataset's own dequantization and bits/dim convention (the space the training data lived in).
         # Its own generator seeded with cfg.seed: experiments/likelihood.py reproduces this number exactly.
         res = test_set.bits_per_dim(model, sde, x_test[:n_bpd], generator=bpd_generator(cfg.seed, device),
-                                    batch_size=64, dtype=dtype, **cfg.eval.likelihood)
+                                    batch_size=64, dtype=dtype, progress=bars, **cfg.eval.likelihood)
         metrics.update({"test_bpd": res.mean, "test_bpd_se": res.stderr, "bpd_points": n_bpd,
                         "levels": int(test_set.levels)})
         tracker.log({"test/bpd": res.mean})
@@ -178,7 +249,7 @@ def _train_and_describe(cfg: DictConfig, tracker, out, device, dtype, generator)
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    metrics = run_task(cfg, "train", _train_and_describe)
+    metrics = run_task(cfg, "train", _train_and_describe, validate=check_train_config)
     return float(metrics.get("val_loss", metrics.get("train_loss", math.nan)))  # the Optuna sweeper's objective
 
 

@@ -88,16 +88,16 @@ def format_value(v: Any) -> str:
 
 
 def print_table(title: str, metrics: dict[str, Any], file=sys.stdout) -> None:
-    """Print a two-column summary table (the last thing every app prints)."""
+    """Print a two-column summary table (the last thing every app prints); the run's log file gets it too."""
     rows = [(k, format_value(v)) for k, v in metrics.items() if not isinstance(v, (dict, list))]
     width = max([len(k) for k, _ in rows] + [6])
     vwidth = max([len(v) for _, v in rows] + [5])
     line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
-    print(f"\n{title}", file=file)
-    print(line, file=file)
-    for k, v in rows:
-        print(f"| {k:<{width}} | {v:>{vwidth}} |", file=file)
-    print(line, file=file, flush=True)
+    text = "\n".join([title, line, *(f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in rows), line])
+    print(f"\n{text}", file=file, flush=True)
+    from .console import report
+
+    report("%s", text, console=False)
 
 
 def load_data(data_cfg: DictConfig, **kwargs: Any):

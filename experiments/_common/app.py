@@ -1,4 +1,4 @@
-"""The life cycle every Hydra app in experiments/ shares: set up, run, record, always finish."""
+"""The life cycle every Hydra app in experiments/ shares: check, set up, run, record, always finish."""
 
 from __future__ import annotations
 
@@ -15,20 +15,42 @@ from .results import write_row
 from .tracking import NullTracker, open_tracker
 
 Body = Callable[[DictConfig, NullTracker, Path, torch.device, torch.dtype, torch.Generator], dict[str, Any]]
+Check = Callable[[DictConfig], None]
 
 
-def run_task(cfg: DictConfig, task: str, body: Body) -> dict[str, Any]:
+def check(cfg: DictConfig, task: str, validate: Check | None = None) -> None:
+    """The config checks (:func:`_common.checks.check_config`, then the app's ``validate``), errors logged."""
+    from .checks import check_config
+    from .console import file_log
+
+    try:
+        check_config(cfg)
+        if validate is not None:
+            validate(cfg)
+    except Exception as err:
+        file_log().error("%s: invalid config, nothing was run: %s", task, err)
+        raise
+
+
+def run_task(cfg: DictConfig, task: str, body: Body, validate: Check | None = None) -> dict[str, Any]:
     """Run ``body(cfg, tracker, out, device, dtype, generator) -> metrics`` as the job ``task``.
 
-    Writes metrics.json (atomically) in the run folder, logs the summary and a results table
-    to the tracker, adds the job's row to the sweep's results table in a multirun, prints a
-    summary table, and finishes the tracker even when ``body`` raises, so that multirun jobs
-    never share a W&B run.
+    First checks the composed config (``validate``: the app's own checks), before any W&B run or output
+    is created. Then writes metrics.json (atomically) in the run folder, logs the summary and a results
+    table to the tracker, adds the job's row (its swept parameters first) to the sweep's results table
+    in a multirun, prints a summary table, and finishes the tracker even when ``body`` raises (exit code
+    1, the error in the W&B summary and in the run's log file), so that multirun jobs never share a
+    W&B run.
     """
+    from .console import file_log
+    from .sweeps import job_names
+
+    check(cfg, task, validate)
     device, dtype, generator = setup(cfg)
     out = run_dir()
-    sweep, sweep_name = sweep_info()
-    tracker = open_tracker(cfg, task, out, sweep_name or cfg.name)
+    sweep, _ = sweep_info()
+    names = job_names(cfg)
+    tracker = open_tracker(cfg, task, out, names.group, names.run)
     exit_code = 1
     try:
         metrics = body(cfg, tracker, out, device, dtype, generator)
@@ -36,9 +58,14 @@ def run_task(cfg: DictConfig, task: str, body: Body) -> dict[str, Any]:
         tracker.summary(metrics)
         tracker.table("results", [metrics])
         if sweep is not None:
-            write_row(sweep, str(HydraConfig.get().job.num), metrics)
+            params = {k: v for k, v in names.params.items() if k not in metrics}
+            write_row(sweep, str(HydraConfig.get().job.num), {**params, **metrics})
         print_table(f"{task}: {cfg.name} -> {out}", metrics)
         exit_code = 0
         return metrics
+    except BaseException as err:
+        file_log().exception("%s failed: %s: %s", task, type(err).__name__, err)
+        tracker.fail(err)
+        raise
     finally:
         tracker.finish(exit_code)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, open_dict
 
 from . import run_dir, setup
-from .app import Body
+from .app import Body, Check, check
 from .app import run_task as _run_task_one_process
 from .tracking import NullTracker
 
@@ -105,16 +105,18 @@ def _shared_run_dir(info) -> Path:
     return shared
 
 
-def run_task(cfg: DictConfig, task: str, body: Body) -> dict[str, Any]:
+def run_task(cfg: DictConfig, task: str, body: Body, validate: Check | None = None) -> dict[str, Any]:
     """:func:`_common.app.run_task`, also under torchrun: rank 0 records, the other ranks only compute.
 
     ``body`` runs on every rank with the shared run folder; on ranks other than 0 it gets a tracker that
-    records nothing and may return ``{}`` (nothing is written for them).
+    records nothing and may return ``{}`` (nothing is written for them). Every rank checks the config
+    (``validate``) before joining the group.
     """
     if not launched():
-        return _run_task_one_process(cfg, task, body)
+        return _run_task_one_process(cfg, task, body, validate)
     from sde.training import cleanup_distributed
 
+    check(cfg, task, validate)
     info = _join(cfg)
     try:
         out = _shared_run_dir(info)
@@ -153,7 +155,7 @@ def _chunk_size(batch_size: int | None) -> int:
 
 def draw_sharded(score_fn, sde, sampler_cfg: DictConfig, shape: tuple[int, ...], *, generator: torch.Generator,
                  seed: int, device: torch.device, dtype: torch.dtype, batch_size: int | None = None,
-                 strip_frames: int = 0):
+                 strip_frames: int = 0, progress: bool = False):
     """:func:`_common.sampling.draw`, sharded over the ranks of a launch in chunks of ``batch_size``.
 
     Returns:
@@ -166,13 +168,13 @@ def draw_sharded(score_fn, sde, sampler_cfg: DictConfig, shape: tuple[int, ...],
 
     if not launched():
         return draw(score_fn, sde, sampler_cfg, shape, generator=generator, device=device, dtype=dtype,
-                    batch_size=batch_size, strip_frames=strip_frames)
+                    batch_size=batch_size, strip_frames=strip_frames, progress=progress)
     kept: dict[str, Any] = {"strip": [], "strip_nfe": 0}
 
     def chunk(idx: range, g: torch.Generator):
         frames = strip_frames if idx.start == 0 else 0
         x, nfe, strip, strip_nfe = draw(score_fn, sde, sampler_cfg, (len(idx), *shape[1:]), generator=g,
-                                        device=device, dtype=dtype, strip_frames=frames)
+                                        device=device, dtype=dtype, strip_frames=frames, progress=progress)
         if strip:
             kept.update(strip=strip, strip_nfe=strip_nfe)
         return x, nfe

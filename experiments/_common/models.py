@@ -76,14 +76,6 @@ class ScoreSource:
         return tuple(int(s) for s in self.data.shape)
 
 
-def _missing_checkpoint(cfg: DictConfig, path: Path) -> FileNotFoundError:
-    hint = " (or use data=gmm score=oracle for the exact score)" if cfg.task == "sample" else ""
-    return FileNotFoundError(
-        f"score.path={str(path)!r} does not exist. Train a model first, e.g.\n"
-        f"    python experiments/train.py\n"
-        f"then pass score.path=<its run folder>/checkpoint.pt (or <run>/checkpoints/latest.pt){hint}")
-
-
 def _checked_against_overrides(spec: dict, cfg: DictConfig, overrides: list[str], path: Path) -> None:
     """Refuse command-line sde/model/data settings that differ from the checkpoint's (every key named)."""
     diffs = []
@@ -97,9 +89,13 @@ def _checked_against_overrides(spec: dict, cfg: DictConfig, overrides: list[str]
 
 
 def _from_checkpoint(cfg: DictConfig, overrides: list[str], device: torch.device, dtype: torch.dtype) -> ScoreSource:
+    from .checks import missing_checkpoint
+
+    if OmegaConf.is_missing(cfg.score, "path"):
+        raise missing_checkpoint(cfg, None)
     path = Path(str(cfg.score.path)).expanduser()
     if not path.is_file():
-        raise _missing_checkpoint(cfg, path)
+        raise missing_checkpoint(cfg, path)
     loaded = load_score_model(path, device=device, dtype=dtype, ema=bool(cfg.score.get("ema", True)))
     _checked_against_overrides(loaded.spec, cfg, overrides, path)
     return ScoreSource(kind="checkpoint", score_fn=loaded.model, sde=loaded.sde,

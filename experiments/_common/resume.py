@@ -23,7 +23,7 @@ __all__ = ["RUN_CONFIG", "train_run_dir", "start"]
 RUN_CONFIG = "train_config.json"  # the resolved config a training run started with
 FINISHED = "metrics.json"  # written by the app at the very end of a run
 # Keys that may differ between the first start and a resume (they do not change the result).
-_MAY_DIFFER = ("train.resume", "train.progress", "train.time_budget_s", "threads", "logger", "output_root")
+_MAY_DIFFER = ("train.resume", "train.progress", "progress", "train.time_budget_s", "threads", "logger", "output_root")
 
 
 def _is_fresh(resume: Any) -> bool:
