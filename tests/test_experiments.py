@@ -279,7 +279,12 @@ def test_wandb_offline_multirun_gives_one_run_per_job(tmp_path):
         runs = sorted((sweep / str(job) / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, f"job {job} has runs {runs}"  # one run per job, never shared
         group, job_type, config, summary = read_offline_run(runs[0])
-        assert group == sweep.name and job_type == "sample"
+        # the group names the sweep (config, name, overrides), the run its own values of the swept keys
+        assert group.startswith("sample:gmm threads=1 logger=wandb data=gmm score=oracle") and job_type == "sample"
+        assert group.endswith("sde=vp,ve sampler=ddim,dpm") and "hydra.sweep.dir" not in group
+        (run_name,) = [r.run.display_name for r in _wandb_records(next(runs[0].glob("*.wandb")))
+                       if r.WhichOneof("record_type") == "run"]
+        assert run_name == f"sde={ {'VPSDE': 'vp', 'VESDE': 've'}[m['sde']] } sampler={m['sampler']}"
         assert config["sde"]["_target_"] == f"sde.sdes.{m['sde']}"  # the resolved config of this job
         assert config["sampler"]["name"] == {"ddim": "ddim", "dpm": "dpm_solver"}[m["sampler"]]
         assert config["task"] == "sample" and config["score"]["kind"] == "oracle" and config["num_samples"] == 300

@@ -118,6 +118,10 @@ def _register_resolvers() -> None:
     from .resume import register_resolver
 
     register_resolver()  # ${train_run_dir:...} in conf/train.yaml's hydra.run.dir
+    if not OmegaConf.has_resolver("progress_on"):  # ${progress_on:${progress}}: conf/train.yaml's train.progress
+        from .console import progress_enabled
+
+        OmegaConf.register_new_resolver("progress_on", progress_enabled)
 
 
 _register_resolvers()
