@@ -380,6 +380,7 @@ def run(cfg: DictConfig, tracker, out: Path, device, dtype, generator) -> dict:
     if isinstance(cfg.num_images, bool) or not isinstance(cfg.num_images, int) or cfg.num_images < 1:
         raise ValueError(f"num_images={cfg.num_images!r} must be a positive integer")
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
+    tracker.use_checkpoint(source.checkpoint_path)  # W&B lineage when it is a logged train.py checkpoint
     if source.model is None:
         raise ValueError(f"controllable.py needs a trained model (score=checkpoint), got score.kind={source.kind!r}")
     images = None

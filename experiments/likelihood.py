@@ -84,6 +84,7 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common.console import progress_enabled, report
 
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
+    tracker.use_checkpoint(source.checkpoint_path)  # W&B lineage when it is a logged train.py checkpoint
     data = load_data(source.data, split=cfg.split)
     x = data.data.to(device=device, dtype=dtype)
     if cfg.num_points:

@@ -52,6 +52,7 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     from _common.console import progress_enabled, report
 
     source = score_source(cfg, list(HydraConfig.get().overrides.task), device, dtype)
+    tracker.use_checkpoint(source.checkpoint_path)  # W&B lineage when it is a logged train.py checkpoint
     sde, image = source.sde, source.data.image
     report("sample: %d samples with sampler=%s (%s, score=%s)", cfg.num_samples, cfg.sampler.name,
            type(sde).__name__, source.kind)

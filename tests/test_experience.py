@@ -6,14 +6,17 @@ Unit tests first (no subprocess); the end-to-end runs of the apps (subprocesses,
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import pty
 import select
 import stat
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +203,7 @@ def test_evaluation_runs_declare_the_checkpoint_artifact(tmp_path):
 def _in_terminal(args: list[str], env: dict, timeout: float = 600) -> tuple[int, str]:
     """Run ``python args`` with stdout and stderr on a pseudo-terminal; (exit code, everything it wrote)."""
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 160 columns (a new pty has 0)
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=slave,
                             stderr=slave, preexec_fn=lambda: os.umask(0o022))
     os.close(slave)
@@ -228,7 +232,7 @@ def _files(folder: Path) -> list[Path]:
 def test_terminal_run_shows_bars_and_logs_the_same_lines_to_train_log(tmp_path):
     run = tmp_path / "run"
     args = [str(ROOT / "experiments" / "train.py"), *FAST, *TINY_TRAIN, "train.log_every=5", f"hydra.run.dir={run}"]
-    code, out = _in_terminal(args, dict(_env(tmp_path), COLUMNS="160"))
+    code, out = _in_terminal(args, _env(tmp_path))
     assert code == 0, out[-3000:]
     assert "train:" in out and "it/s" in out and "20/20" in out  # the Trainer's tqdm bar (step, rate, ETA)
     assert "euler_maruyama" in out  # the sampler's bar
@@ -302,7 +306,7 @@ def test_wandb_names_lineage_failures_and_no_files_in_home(tmp_path):
     assert m["checkpoint_artifact"] == "score-vp-mlp-digits"
     assert not list((run / "checkpoints").glob("step_*.pt"))  # train.keep_every defaults to 0
     records = _records(run)
-    arts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    arts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
     assert [(a.name, a.type) for a in arts] == [("score-vp-mlp-digits", "model")]
     meta = json.loads(arts[0].metadata)
     assert meta["sde"]["_target_"] == "sde.sdes.VPSDE" and meta["model"]["net"]["hidden"] == 32

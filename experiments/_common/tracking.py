@@ -64,7 +64,7 @@ class NullTracker:
         """Log ``path`` as an artifact; returns its versioned reference when the tracker knows it ("" offline)."""
         return ""
 
-    def use_checkpoint(self, path: str | os.PathLike) -> dict[str, str] | None:
+    def use_checkpoint(self, path: str | os.PathLike | None) -> dict[str, str] | None:
         """Declare the checkpoint this run reads (lineage); returns what was recorded (None: not a logged one)."""
         return None
 
@@ -129,8 +129,8 @@ class WandbTracker(NullTracker):
         art.wait()
         return art.qualified_name
 
-    def use_checkpoint(self, path: str | os.PathLike) -> dict[str, str] | None:
-        found = checkpoint_artifact(Path(path))
+    def use_checkpoint(self, path: str | os.PathLike | None) -> dict[str, str] | None:
+        found = None if path is None else checkpoint_artifact(Path(path))
         if found is None:
             return None
         self.run.config.update({"checkpoint_artifact": found["name"]}, allow_val_change=True)
