@@ -235,7 +235,7 @@ def test_terminal_run_shows_bars_and_logs_the_same_lines_to_train_log(tmp_path):
     code, out = _in_terminal(args, _env(tmp_path))
     assert code == 0, out[-3000:]
     assert "train:" in out and "it/s" in out and "20/20" in out  # the Trainer's tqdm bar (step, rate, ETA)
-    assert "euler_maruyama" in out  # the sampler's bar
+    assert "euler_maruyama" in out and "log-likelihood" in out  # the sampler's and the likelihood's bars
     log = (run / "train.log").read_text()
     for step in (5, 10, 15, 20):
         assert f"train: step {step}/20 loss " in log and "steps/s ETA" in log

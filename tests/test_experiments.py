@@ -72,8 +72,8 @@ def test_train_writes_checkpoint_metrics_and_pictures(trained):
     with Image.open(trained / "samples.png") as im:  # 9 digits: 3x3 tiles of 8 px + 1 px padding, x8
         assert im.size == ((3 * 9 + 1) * 8, (3 * 9 + 1) * 8)
         assert len(np.unique(np.asarray(im))) > 2  # not a blank picture
-    with Image.open(trained / "strip.png") as im:  # 8 samples x (x_t, x0_hat) rows, 4 frames + the result
-        assert im.size == ((5 * 9 + 1) * 8, (16 * 9 + 1) * 8)
+    with Image.open(trained / "strip.png") as im:  # 8 samples x (x_t, x0_hat) rows, 4 frames + the result,
+        assert im.size == ((5 * 9 + 1) * 8, (16 * 9 + 1) * 8 + 18)  # under an 18-px band of column labels (t)
     ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 20 and ckpt["model_config"]["sde"]["_target_"] == "sde.sdes.VPSDE"
     assert ckpt["model_config"]["model"]["net"]["hidden"] == 32 and ckpt["ema"] is not None
