@@ -33,9 +33,10 @@ _READS = {_T.item, _T.__bool__, _T.__float__, _T.__int__, _T.__index__, _T.tolis
 _FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.randn,
               torch.rand, torch.randint, torch.arange, torch.linspace, torch.logspace, torch.eye}
 _COPIES = {_T.to, _T.copy_, _T.cuda}
-# library functions that only ever run on host tensors: on CUDA the caller skips them for device tensors
-# (``as_time`` range-checks a time tensor only when ``t.device.type == "cpu"``), on the CPU they run
-HOST_ONLY = {"_check_time_values"}
+# library functions that only ever see host tensors on CUDA, whose reads are free there: ``as_time``
+# range-checks a time tensor only when ``t.device.type == "cpu"``; the reverse-diffusion chain is
+# checked once at entry on a float64 CPU probe. On the CPU their inputs look like device tensors.
+HOST_ONLY = {"_check_time_values", "_check_discrete_chain"}
 
 
 def _tensors(obj):
