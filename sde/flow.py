@@ -229,8 +229,11 @@ def _host_time_interval(func: Callable[[Tensor, Tensor], Tensor], y: Tensor, t0:
     fixed-grid solver runs the same steps from a CPU time span here; a decreasing span is negated as
     odeint does it. The result equals odeint's bit for bit (tests/test_host_syncs.py).
     """
-    from torchdiffeq._impl.odeint import SOLVERS
-
+    try:  # torchdiffeq's solver table (not its public API): guarded by the bit-equality test against odeint
+        from torchdiffeq._impl.odeint import SOLVERS
+    except ImportError:  # another torchdiffeq layout: odeint, with its per-call syncs
+        return odeint(func, y, torch.tensor([t0, t1], dtype=y.dtype, device=y.device), method=method, rtol=rtol,
+                      atol=atol, options=options)[-1]
     sign = 1.0 if t1 > t0 else -1.0
     opts = dict(options)
     if sign < 0 and opts.get("grid_constructor") is not None:

@@ -100,7 +100,8 @@ class CudaGraphScore:
                 self._out = self.score_fn(self._x, self._t)
         except RuntimeError as err:
             raise RuntimeError(f"cuda_graph: the score function cannot be captured in a CUDA graph ({err}); it must "
-                               "run without host syncs or host-to-device copies; call it without CudaGraphScore") from err
+                               "run without host syncs or host-to-device copies; call it without CudaGraphScore"
+                               ) from err
         if not isinstance(self._out, Tensor):
             raise RuntimeError(f"cuda_graph: the score function returned {type(self._out).__name__}, not a Tensor")
         self.graph = graph

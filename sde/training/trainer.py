@@ -283,13 +283,14 @@ class Trainer:
             if done:  # stopped between reads: read now (this update included)
                 self.check_state_finite()
             values, self._read_values = self._read_values, []
-            for loss_value, grad_norm in values:  # in step order: the same float sums as a per-step read
+            for loss_value, _ in values:  # in step order: the same float sums as a per-step read
                 window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            grad_norm = values[-1][1] if values else grad_norm
             bar.update(1)
             if (cfg.log_every and self.step % cfg.log_every == 0) or done:
                 elapsed = time.perf_counter() - t0
-                metrics = {"step": self.step, "loss": window_loss / window_steps, "lr": self._lr(), "grad_norm": grad_norm,
-                           "steps_per_sec": window_steps / max(elapsed, 1e-12)}
+                metrics = {"step": self.step, "loss": window_loss / window_steps, "lr": self._lr(),
+                           "grad_norm": grad_norm, "steps_per_sec": window_steps / max(elapsed, 1e-12)}
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
                 self._log(metrics)
                 window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
@@ -350,8 +351,8 @@ class Trainer:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        if self.dist.distributed:  # equal per-rank batches: mean of rank means = mean over the global batch
-            checks = [c for c in pending if c.kind == "loss"]
+        checks = [c for c in pending if c.kind == "loss"]
+        if self.dist.distributed and checks:  # equal per-rank batches: mean of rank means = mean of the global batch
             losses = torch.stack([c.values[0] for c in checks])
             dist.all_reduce(losses, op=dist.ReduceOp.SUM)
             losses /= self.dist.world_size
