@@ -52,7 +52,10 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
 # entry (x_T finite) and at the end (the samples finite), whatever the number of steps
 # (tests/test_host_syncs.py). ``ode`` is sync-free with the fixed-grid Runge-Kutta methods
 # (sde.flow.HOST_TIME_METHODS); with an adaptive or an Adams method torchdiffeq syncs every step.
-SYNCS_PER_STEP: dict[str, str] = {}  # name -> why
+SYNCS_PER_STEP: dict[str, str] = {  # name -> why; names not (yet) registered are ignored
+    "dpm_adaptive": "adaptive step size (DPM-Solver-12 / -23, Lu et al. 2022): accept / reject reads the error",
+    "gotta_go_fast": "adaptive step size (Jolicoeur-Martineau et al. 2021): accept / reject reads the error",
+}
 
 
 def sample(

@@ -145,6 +145,9 @@ class NonFiniteLossError(FloatingPointError):
     weights, EMA or optimizer moments after an update (no checkpoint is ever written from such a state)."""
 
 
+_MAX_UNREAD = 1000  # a read at least every this many steps: bounded pending values even with log_every=0
+
+
 @dataclasses.dataclass
 class _Check:
     """Device values the host reads later: ``kind="loss"``: [loss (float64), gradient norm] of step ``step``
@@ -306,9 +309,10 @@ class Trainer:
 
     def _read_due(self, step: int) -> bool:
         """Whether the host reads the pending losses before applying ``step`` (1-based): at every step that
-        logs, evaluates or writes a checkpoint, and at the last one. Other steps make no host sync."""
+        logs, evaluates or writes a checkpoint, every ``_MAX_UNREAD`` steps and at the last one. Other steps
+        make no host sync."""
         cfg = self.config
-        every = [cfg.log_every, cfg.eval_every] + ([cfg.ckpt_every] if cfg.out_dir is not None else [])
+        every = [cfg.log_every, cfg.eval_every, _MAX_UNREAD] + ([cfg.ckpt_every] if cfg.out_dir is not None else [])
         return step == cfg.total_steps or any(k and step % k == 0 for k in every)
 
     def _lr(self) -> float:
