@@ -189,60 +189,6 @@ def ode_times(sde: SDE, method: str, steps: int | None, eps: float, grid: str | 
     return sampler_grid(sde, steps, eps, grid, rho=rho, default_steps=1)
 
 
-# Fixed-grid Runge-Kutta methods stepped from host-side times (see _host_time_interval): no device sync
-# per step. The Adams methods keep odeint: torchdiffeq copies their coefficients and dt to the device at
-# every step (and implicit_adams tests its corrector's convergence), which waits for the device.
-HOST_TIME_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
-
-
-class _HostTime:
-    """``func`` for a torchdiffeq fixed-grid solver whose times are CPU tensors: each time reaches ``func``
-    as a fresh 0-d tensor on y's device (a fill kernel, not a host-to-device copy), exactly as odeint's
-    wrappers would hand it over (cast to y's dtype, nudged by one ulp on request, negated for a
-    decreasing span together with the derivative)."""
-
-    def __init__(self, func: Callable[[Tensor, Tensor], Tensor], sign: float) -> None:
-        self.func, self.sign = func, sign
-
-    def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:  # the solver calls it every step
-        pass
-
-    def __call__(self, t: Tensor, y: Tensor, *, perturb=None) -> Tensor:
-        from torchdiffeq._impl.misc import Perturb
-
-        t = t.to(y.abs().dtype)
-        if perturb is Perturb.NEXT:
-            t = torch.nextafter(t, t + 1)
-        elif perturb is Perturb.PREV:
-            t = torch.nextafter(t, t - 1)
-        if self.sign > 0:
-            return self.func(torch.full((), float(t), dtype=t.dtype, device=y.device), y)
-        return -1.0 * self.func(torch.full((), float(-t), dtype=t.dtype, device=y.device), y)
-
-
-def _host_time_interval(func: Callable[[Tensor, Tensor], Tensor], y: Tensor, t0: float, t1: float, method: str,
-                        rtol: float, atol: float, options: dict) -> Tensor:
-    """One interval of a fixed-grid Runge-Kutta method (:data:`HOST_TIME_METHODS`), times kept on the host.
-
-    ``odeint`` keeps the times on y's device and compares them in Python (its input checks, the grid
-    loop, the interpolation), which waits for the device several times per call. torchdiffeq's own
-    fixed-grid solver runs the same steps from a CPU time span here; a decreasing span is negated as
-    odeint does it. The result equals odeint's bit for bit (tests/test_host_syncs.py).
-    """
-    try:  # torchdiffeq's solver table (not its public API): guarded by the bit-equality test against odeint
-        from torchdiffeq._impl.odeint import SOLVERS
-    except ImportError:  # another torchdiffeq layout: odeint, with its per-call syncs
-        return odeint(func, y, torch.tensor([t0, t1], dtype=y.dtype, device=y.device), method=method, rtol=rtol,
-                      atol=atol, options=options)[-1]
-    sign = 1.0 if t1 > t0 else -1.0
-    opts = dict(options)
-    if sign < 0 and opts.get("grid_constructor") is not None:
-        user_grid = opts["grid_constructor"]
-        opts["grid_constructor"] = lambda f, y0, t: -user_grid(f, y0, -t)
-    span = torch.tensor([sign * t0, sign * t1], dtype=y.abs().dtype)  # on the CPU
-    return SOLVERS[method](func=_HostTime(func, sign), y0=y, rtol=rtol, atol=atol, **opts).integrate(span)[-1]
-
-
 def _clamped(func: Callable[[Tensor, Tensor], Tensor], lo: float, hi: float) -> Callable[[Tensor, Tensor], Tensor]:
     """func with its scalar time clamped into [lo, hi]: torchdiffeq's initial step-size heuristic
     makes one trial evaluation that may fall outside the interval; accepted steps never do."""
@@ -268,8 +214,7 @@ def integrate_ode(
     call whose adaptive steps land exactly on t_{i+1} (``step_t``; torchdiffeq otherwise steps past
     it and interpolates back, evaluating the score outside the SDE's time range), and ``func`` only
     ever sees times inside the interval (see :func:`_clamped`). A fixed-grid method takes one step
-    per interval (or steps of ``options["step_size"]``); the Runge-Kutta ones (:data:`HOST_TIME_METHODS`)
-    keep their times on the host, so they make no device sync per step.
+    per interval (or steps of ``options["step_size"]``).
 
     Args:
         func: ``func(t, y)`` with t a 0-d tensor.
@@ -297,15 +242,12 @@ def integrate_ode(
             t0, t1 = ts[i], ts[i + 1]
             if callback is not None:
                 callback(i, t0, y)
+            span = torch.tensor([t0, t1], dtype=y.dtype, device=y.device)
             opts = dict(options or {})
-            f = _clamped(func, min(t0, t1), max(t0, t1))
-            if method in HOST_TIME_METHODS:
-                y = _host_time_interval(f, y, t0, t1, method, rtol, atol, opts)
-                continue
-            span = torch.tensor([t0, t1], dtype=y.dtype, device=y.device)  # adaptive / Adams: odeint syncs
             if method in ADAPTIVE_METHODS:
                 opts.setdefault("step_t", span[1:])
                 if first_step is not None:
                     opts.setdefault("first_step", first_step * abs(t1 - t0))
+            f = _clamped(func, min(t0, t1), max(t0, t1))
             y = odeint(f, y, span, method=method, rtol=rtol, atol=atol, options=opts)[-1]
     return y

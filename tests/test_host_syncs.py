@@ -1,7 +1,7 @@
 """No host sync per step, checked on the CPU (tests/_host_sync.py counts what would wait for a GPU):
 every registered fixed-grid sampler reads the device only at entry (x_T finite) and at the end (the
 samples finite), whatever the number of steps; the Trainer reads it every log_every steps and before
-each checkpoint, not every step. The host-time fixed-grid ODE path equals torchdiffeq's odeint bit for bit."""
+each checkpoint, not every step."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import pytest
 import torch
 from _host_sync import HostSyncCounter
 from torch import nn
-from torchdiffeq import odeint
 
-from sde import flow
 from sde.models import ScoreModel
 from sde.nets import UNet
 from sde.oracle import GaussianMixture
@@ -59,33 +57,11 @@ def test_a_unet_score_model_adds_no_sync():
     assert counts == [ENTRY_AND_END, ENTRY_AND_END]
 
 
-@pytest.mark.parametrize("method", flow.HOST_TIME_METHODS)
-def test_every_host_time_ode_method_is_sync_free(method):
-    assert _syncs("ode", VPSDE(), 4, method=method).total == _syncs("ode", VPSDE(), 8, method=method).total == 2
-
-
 def test_the_counter_sees_a_per_step_sync():
-    """The check can fail: an Adams method (torchdiffeq copies dt to the device every step) is counted."""
-    assert _syncs("ode", VPSDE(), 8, method="explicit_adams").total > _syncs("ode", VPSDE(), 4,
-                                                                             method="explicit_adams").total
+    """The check can fail: the fixed-grid ode sampler (torchdiffeq's odeint compares its device times in
+    Python at every interval) is counted, and its count grows with the steps."""
+    assert _syncs("ode", VPSDE(), 8).total > _syncs("ode", VPSDE(), 4).total > ENTRY_AND_END
 
-
-ODE_OPTIONS = {"grid": {}, "step_size": {"step_size": 0.07}, "perturb": {"perturb": True},
-               "cubic": {"interp": "cubic", "step_size": 0.03}}
-
-
-@pytest.mark.parametrize("method", flow.HOST_TIME_METHODS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("options", list(ODE_OPTIONS.values()), ids=list(ODE_OPTIONS))
-def test_host_time_interval_equals_odeint_bit_for_bit(method, dtype, options):
-    y = torch.randn(4, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
-
-    def func(t, y):
-        return torch.sin(3 * t) * y - 0.5 * torch.tanh(y) * t
-
-    for t0, t1 in ((1.0, 0.3), (0.2, 0.9)):  # decreasing (sampling) and increasing (encoding)
-        ref = odeint(func, y, torch.tensor([t0, t1], dtype=dtype), method=method, options=dict(options))[-1]
-        assert torch.equal(flow._host_time_interval(func, y, t0, t1, method, 1e-7, 1e-9, dict(options)), ref)
 
 
 # -- training ----------------------------------------------------------------------------------------------

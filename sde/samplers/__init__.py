@@ -50,9 +50,10 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
 # Samplers that read the device every step by design (docs/scale.md, "Host syncs"): adaptive step-size
 # control decides accept / reject on the host. Every other entry of SAMPLERS reads the device only at
 # entry (x_T finite) and at the end (the samples finite), whatever the number of steps
-# (tests/test_host_syncs.py). ``ode`` is sync-free with the fixed-grid Runge-Kutta methods
-# (sde.flow.HOST_TIME_METHODS); with an adaptive or an Adams method torchdiffeq syncs every step.
+# (tests/test_host_syncs.py).
 SYNCS_PER_STEP: dict[str, str] = {  # name -> why; names not (yet) registered are ignored
+    "ode": "torchdiffeq's odeint (public API) keeps its times on the device and compares them in Python at "
+           "every interval, fixed-grid methods included; heun / ddim / dpm_solver / unipc are sync-free ODE solvers",
     "dpm_adaptive": "adaptive step size (DPM-Solver-12 / -23, Lu et al. 2022): accept / reject reads the error",
     "gotta_go_fast": "adaptive step size (Jolicoeur-Martineau et al. 2021): accept / reject reads the error",
 }
