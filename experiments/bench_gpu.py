@@ -10,7 +10,8 @@ Measures, and prints as one Markdown table:
   sample     - images/s of each sampler at batch 256 (eager fp32, bf16 autocast of the network, and the
                network under torch.compile), and the per-step overhead of the sampler over the bare
                network forward (NFE forwards of the same net at the same batch). Target: < 3 %.
-               CUDA-graph capture of the step loop is not implemented (reported as such).
+               With CUDA, also each sampler with its score calls replayed from a CUDA graph
+               (sde.samplers.CudaGraphScore, fp32 and bf16 network).
   likelihood - wall time of sde.likelihood.log_likelihood (dopri5 on the device) against the score_sde
                route (scipy RK45 with a numpy round trip per evaluation, experiments/bench_likelihood.py)
                on the same model, batch and Rademacher probes. Target: ours >= 5x faster.
@@ -70,13 +71,12 @@ def _net_config(smoke: bool) -> dict:
 
 
 def _model(net_cfg: dict, device: torch.device, memory_format=torch.contiguous_format) -> nn.Module:
-    from _common import build
-
+    from sde.checkpoint import build_net
     from sde.models import ScoreModel
     from sde.sdes import VPSDE
 
     torch.manual_seed(0)
-    net = build(net_cfg)
+    net = build_net(net_cfg)
     if device.type != "meta":
         _randomize_outputs(net, int(net_cfg["in_channels"]), net_cfg["image_size"])
     return ScoreModel(net, VPSDE()).to(device=device, memory_format=memory_format)
@@ -173,16 +173,22 @@ def _sample_row(args, route: str, score_fn: Callable, model: nn.Module, name: st
 
 
 def bench_sampling(args, net_cfg: dict, device: torch.device) -> None:
+    from sde.samplers import CudaGraphScore
+
     model = _model(net_cfg, device).eval().requires_grad_(False)
     x_T = torch.randn(args.sample_batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     routes = {"eager fp32": model, "eager bf16": _bf16_score(model, device)}
     if not args.smoke:
         routes["compiled bf16"] = _bf16_score(torch.compile(model), device)
+    if device.type == "cuda":  # one graph per route: every sampler calls it with the same shapes
+        routes["CUDA graph fp32"] = CudaGraphScore(model)
+        routes["CUDA graph bf16"] = CudaGraphScore(_bf16_score(model, device))
+    else:
+        _row("sample", "CUDA graph (CudaGraphScore)", "n/a", f"needs CUDA; this run is on {device.type}")
     with torch.no_grad():
         for route, score_fn in routes.items():
             for name, opts in _samplers(args.sample_steps).items():
                 _sample_row(args, route, score_fn, model, name, opts, x_T, device)
-    _row("sample", "CUDA-graph capture of the step loop", "n/a", "not implemented")
 
 
 # ----------------------------------------------------------------------------------------- likelihood

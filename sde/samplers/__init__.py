@@ -20,6 +20,7 @@ from .._checks import check_callable, check_choice, check_int, check_sde, check_
 from ..sdes import SDE, ScoreFn
 from ._base import Callback, SampleResult, default_eps
 from .correctors import CORRECTORS, annealed_langevin, langevin
+from .cuda_graph import CudaGraphScore
 from .ddim import ddim
 from .deis import deis
 from .dpm_sde import dpm_2s_ancestral, dpm_solver_sde
@@ -44,6 +45,17 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "deis": deis,
     "dpm_solver_sde": dpm_solver_sde,
     "dpm_2s_ancestral": dpm_2s_ancestral,
+}
+
+# Samplers that read the device every step by design (docs/scale.md, "Host syncs"): adaptive step-size
+# control decides accept / reject on the host. Every other entry of SAMPLERS reads the device only at
+# entry (x_T finite) and at the end (the samples finite), whatever the number of steps
+# (tests/test_host_syncs.py).
+SYNCS_PER_STEP: dict[str, str] = {  # name -> why; names not (yet) registered are ignored
+    "ode": "torchdiffeq's odeint (public API) keeps its times on the device and compares them in Python at "
+           "every interval, fixed-grid methods included; heun / ddim / dpm_solver / unipc are sync-free ODE solvers",
+    "dpm_adaptive": "adaptive step size (DPM-Solver-12 / -23, Lu et al. 2022): accept / reject reads the error",
+    "gotta_go_fast": "adaptive step size (Jolicoeur-Martineau et al. 2021): accept / reject reads the error",
 }
 
 
@@ -121,6 +133,8 @@ def _check_sample(sde: SDE, shape_or_x_T, sampler: str, callback: Callback | Non
 __all__ = [
     "sample",
     "SAMPLERS",
+    "SYNCS_PER_STEP",
+    "CudaGraphScore",
     "SampleResult",
     "PREDICTORS",
     "CORRECTORS",

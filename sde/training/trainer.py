@@ -145,6 +145,20 @@ class NonFiniteLossError(FloatingPointError):
     weights, EMA or optimizer moments after an update (no checkpoint is ever written from such a state)."""
 
 
+_MAX_UNREAD = 1000  # a read at least every this many steps: bounded pending values even with log_every=0
+
+
+@dataclasses.dataclass
+class _Check:
+    """Device values the host reads later: ``kind="loss"``: [loss (float64), gradient norm] of step ``step``
+    before it is applied; ``kind="state"``: [max |value| of weights, EMA and moments] after update ``step``."""
+
+    kind: str
+    step: int
+    lr: float
+    values: list[Tensor]
+
+
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
     """Learning rate of optimizer step ``step`` (1-based): ``lr * min(1, step / warmup_steps)``."""
     check_int("step", step, 1)
@@ -215,7 +229,8 @@ class Trainer:
             raise ValueError(f"batch_size={cfg.batch_size} exceeds this rank's {len(self._sampler)} examples "
                              f"({self.data.shape[0]} in all over {self.dist.world_size} ranks)")
         self._epoch_cache: tuple[int, Tensor] | None = None
-        self._pending_state_max: Tensor | None = None  # non-finite guard: see check_state_finite
+        self._pending: list[_Check] = []  # device values not yet read by the host (see _read_pending)
+        self._read_values: list[tuple[float, float]] = []  # (loss, grad_norm) read, not yet logged
         on_cuda = self.device.type == "cuda"
         train_model: nn.Module = self.model
         if self.dist.distributed:
@@ -264,16 +279,21 @@ class Trainer:
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                    dynamic_ncols=True, desc="train")
         metrics: dict[str, float] = {}
-        window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+        window_loss, window_steps, grad_norm, t0 = 0.0, 0, math.nan, time.perf_counter()
         while self.step < cfg.total_steps:
-            loss_value, grad_norm, lr = self._train_step()
-            window_loss, window_steps = window_loss + loss_value, window_steps + 1
-            bar.update(1)
+            self._train_step(read=self._read_due(self.step + 1))
             done = self.step == cfg.total_steps or (stop is not None and stop(self.step))
+            if done:  # stopped between reads: read now (this update included)
+                self.check_state_finite()
+            values, self._read_values = self._read_values, []
+            for loss_value, _ in values:  # in step order: the same float sums as a per-step read
+                window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            grad_norm = values[-1][1] if values else grad_norm
+            bar.update(1)
             if (cfg.log_every and self.step % cfg.log_every == 0) or done:
                 elapsed = time.perf_counter() - t0
-                metrics = {"step": self.step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
-                           "steps_per_sec": window_steps / max(elapsed, 1e-12)}
+                metrics = {"step": self.step, "loss": window_loss / window_steps, "lr": self._lr(),
+                           "grad_norm": grad_norm, "steps_per_sec": window_steps / max(elapsed, 1e-12)}
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
                 self._log(metrics)
                 window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
@@ -287,7 +307,21 @@ class Trainer:
         bar.close()
         return {**metrics, **self.eval_metrics}
 
-    def _train_step(self) -> tuple[float, float, float]:
+    def _read_due(self, step: int) -> bool:
+        """Whether the host reads the pending losses before applying ``step`` (1-based): at every step that
+        logs, evaluates or writes a checkpoint, every ``_MAX_UNREAD`` steps and at the last one. Other steps
+        make no host sync."""
+        cfg = self.config
+        every = [cfg.log_every, cfg.eval_every, _MAX_UNREAD] + ([cfg.ckpt_every] if cfg.out_dir is not None else [])
+        return step == cfg.total_steps or any(k and step % k == 0 for k in every)
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _train_step(self, read: bool) -> None:
+        """One optimizer step. With ``read``, everything pending since the last read (losses, gradient norms and
+        the state each update left) and this step's loss and gradient norm are read in one host sync before
+        the step is applied; without it the step makes no host sync."""
         cfg = self.config
         idx = self.batch_indices(self.step).to(self.device, non_blocking=True)
         x0 = self.data[idx]
@@ -300,37 +334,42 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.loss_fn(self._train_model, self.sde, x0, **kwargs)
-        loss.backward()  # a non-finite loss only spoils gradients that are never applied (checked below)
+        loss.backward()  # a non-finite loss only spoils gradients; they are applied only if not read here
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, change nothing
-        grad_norm_t = nn.utils.clip_grad_norm_(params, max_norm)
-        # one host sync: this step's loss and gradient norm, and the state left by the previous update
-        loss_value, grad_norm, state_max = self._host_values(loss.detach(), grad_norm_t, self._pending_state_max)
-        self._raise_if_bad_state(state_max)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"loss is {loss_value} at step {self.step + 1}; stopped before applying it "
-                                     f"({self._last_good()})")
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.step + 1}; stopped before applying "
-                                     f"it ({self._last_good()})")
+        grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
+        self._pending.append(_Check("loss", self.step + 1, lr, [loss.detach().to(torch.float64, copy=True), grad_norm]))
+        if read:
+            self._read_pending()
         self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.step += 1
-        # max |value| over weights, EMA and moments, read at the next host sync or before a checkpoint is written
-        self._pending_state_max = nn.utils.get_total_norm(self._state_tensors(), math.inf)
-        if self.step == cfg.total_steps:  # no next sync: read it now
+        # max |value| over weights, EMA and moments, read at the next host read or before a checkpoint is written
+        self._pending.append(_Check("state", self.step, lr, [nn.utils.get_total_norm(self._state_tensors(), math.inf)]))
+        if self.step == cfg.total_steps:  # no next read: check the last update now
             self.check_state_finite()
-        return loss_value, grad_norm, lr
 
-    def _host_values(self, loss: Tensor, grad_norm: Tensor, state_max: Tensor | None = None) -> tuple[float, ...]:
-        """(loss averaged over all ranks, gradient norm, state max or nan) as Python floats: one host sync."""
-        loss = loss.to(torch.float64, copy=True)  # logged/averaged in float64 whatever the training dtype
-        if self.dist.distributed:  # equal per-rank batches: mean of rank means = mean over the global batch
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            loss /= self.dist.world_size
-        state = loss.new_zeros(()) if state_max is None else state_max.to(loss)
-        loss_value, grad_norm_value, state_value = torch.stack([loss, grad_norm.to(loss), state]).tolist()
-        return loss_value, grad_norm_value, state_value
+    def _read_pending(self) -> None:
+        """Read every pending check in one host sync, in step order, raising :class:`NonFiniteLossError` on the
+        first non-finite value; the (loss, grad_norm) of the steps read go to ``self._read_values``."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        checks = [c for c in pending if c.kind == "loss"]
+        if self.dist.distributed and checks:  # equal per-rank batches: mean of rank means = mean of the global batch
+            losses = torch.stack([c.values[0] for c in checks])
+            dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+            losses /= self.dist.world_size
+            for c, mean in zip(checks, losses.unbind()):
+                c.values[0] = mean
+        flat = torch.stack([v.to(torch.float64) for c in pending for v in c.values]).tolist()  # the host sync
+        for c in pending:
+            values, flat = flat[: len(c.values)], flat[len(c.values):]
+            if c.kind == "state":
+                self._raise_if_bad_state(values[0], c.step, c.lr)
+            else:
+                self._raise_if_bad_loss(c.step, *values)
+                self._read_values.append((values[0], values[1]))
 
     # ----------------------------------------------------------------------------- non-finite guard
     def _state_tensors(self) -> list[Tensor]:
@@ -341,15 +380,29 @@ class Trainer:
             out += [v for v in st.values() if isinstance(v, Tensor) and v.is_floating_point() and v.dim() > 0]
         return out
 
-    def check_state_finite(self) -> None:
-        """Raise :class:`NonFiniteLossError` if the last update left a NaN/inf in the weights, the EMA or the
-        optimizer moments (one host sync; :meth:`save` calls it, so no such checkpoint is ever written)."""
-        if self._pending_state_max is not None:
-            self._raise_if_bad_state(float(self._pending_state_max))
+    @property
+    def _pending_state_max(self) -> Tensor | None:
+        """The max |value| of the state left by the last update while it is not yet read, else None."""
+        return self._pending[-1].values[0] if self._pending and self._pending[-1].kind == "state" else None
 
-    def _raise_if_bad_state(self, state_max: float) -> None:
+    def check_state_finite(self) -> None:
+        """Read everything pending (losses, gradient norms, the state left by the last updates) in one host sync;
+        raise :class:`NonFiniteLossError` if any is NaN/inf (:meth:`save` calls it, so no checkpoint is ever
+        written from such a state)."""
+        self._read_pending()
+
+    def _raise_if_bad_loss(self, step: int, loss_value: float, grad_norm: float) -> None:
+        for what, value in (("loss", loss_value), ("gradient norm", grad_norm)):
+            if math.isfinite(value):
+                continue
+            when = ("stopped before applying it" if step > self.step else
+                    f"it was applied in memory (the host reads the loss every log_every={self.config.log_every} "
+                    f"steps and before each checkpoint) and training stopped at step {self.step}; no checkpoint "
+                    "was written from it")
+            raise NonFiniteLossError(f"{what} is {value} at step {step}; {when} ({self._last_good()})")
+
+    def _raise_if_bad_state(self, state_max: float, step: int, lr: float) -> None:
         if math.isfinite(state_max):
-            self._pending_state_max = None  # checked: nothing pending
             return
         groups = {"weights": [*self.model.parameters(), *self.model.buffers()],
                   "EMA": [*self.ema.model.parameters(), *self.ema.model.buffers()],
@@ -358,7 +411,7 @@ class Trainer:
         bad = [name for name, ts in groups.items()
                if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)]
         raise NonFiniteLossError(
-            f"the update of step {self.step} (lr={self.optimizer.param_groups[0]['lr']:.4g}) left non-finite values "
+            f"the update of step {step} (lr={lr:.4g}) left non-finite values "
             f"in the {', '.join(bad) or 'training state'}; stopped, and no checkpoint was written from it "
             f"({self._last_good()})")
 
