@@ -264,6 +264,7 @@ BAD = [
     ("dpm_adaptive", dict(steps=10), TypeError, "steps"),
     ("gotta_go_fast", dict(exponent=0.0), ValueError, "exponent must be a finite number > 0"),
     ("gotta_go_fast", dict(theta=0.0), ValueError, "theta"),
+    ("gotta_go_fast", dict(norm="max"), ValueError, "norm='max'"),
 ] + [
     (name, {opt: value}, ValueError, f"{opt} must be a finite number > 0")
     for name in ("dpm_adaptive", "gotta_go_fast") for opt in ("rtol", "atol", "h_init")
