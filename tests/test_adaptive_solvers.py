@@ -99,6 +99,12 @@ def test_dpm_adaptive_on_a_ddpm_schedule():
     assert errs[1] < 1e-3 and errs[1] < errs[0] / 10, errs
 
 
+def test_dpm_adaptive_default_rtol_is_per_sde():
+    assert sample(GM.score_fn(VPSDE()), VPSDE(), (2, 4), "dpm_adaptive", dtype=F64).options["rtol"] == 0.05
+    ve = SDES["ve"]()
+    assert sample(GM.score_fn(ve), ve, (2, 4), "dpm_adaptive", dtype=F64).options["rtol"] == 0.01
+
+
 def test_dpm_adaptive_callback_once_per_accepted_step():
     sde, infos = VPSDE(), []
     res = sample(GM.score_fn(sde), sde, _x_T(sde), "dpm_adaptive", callback=infos.append, rtol=1e-2, atol=1e-3)

@@ -38,6 +38,7 @@ from ._base import (
     times,
 )
 from ._expint import check_order, check_prediction
+from .defaults import DPM_ADAPTIVE_RTOL, DPM_ADAPTIVE_RTOL_FALLBACK, per_sde
 from .dpm_solver import PREDICTIONS, _Schedule, _Solver
 
 __all__ = ["dpm_adaptive", "gotta_go_fast"]
@@ -81,7 +82,7 @@ def dpm_adaptive(
     score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, generator: torch.Generator | None = None,
     callback: Callback | None = None, progress: bool = False,
     order: int = 3,  # 3: DPM-Solver-23 (errors of the 2nd- vs 3rd-order step), 2: DPM-Solver-12
-    rtol: float = 0.05,  # relative tolerance (the paper's default)
+    rtol: float | None = None,  # relative tolerance; None: 0.05 (the paper's), 0.01 on VE (defaults.py)
     atol: float = 0.0078,  # absolute tolerance in the units of x (0.0078 ~ 1/128 for images in [-1, 1])
     h_init: float = 0.05,  # first step in half-log-SNR l = log(alpha / sigma) (the paper's default)
     theta: float = 0.9,  # safety factor of the step update h <- theta h E^(-1/order)
@@ -104,7 +105,8 @@ def dpm_adaptive(
             noise is drawn, so ``generator`` is unused; the bar counts attempts.
         callback: called once per accepted step with {"i", "t", "x", "x0_hat"} at the step's start.
         order: 2 (DPM-Solver-12) or 3 (DPM-Solver-23).
-        rtol: relative tolerance, > 0.
+        rtol: relative tolerance, > 0; None picks the per-SDE default ``defaults.DPM_ADAPTIVE_RTOL``
+            (0.01 on VE, else the paper's 0.05).
         atol: absolute tolerance in the units of x, > 0.
         h_init: the first attempted step in half-log-SNR, > 0 (clipped to the whole interval).
         theta: safety factor in (0, 1].
@@ -127,6 +129,7 @@ def dpm_adaptive(
     eps = default_eps(sde) if eps is None else eps
     check_order(order, (2, 3))
     check_prediction(prediction)
+    rtol = per_sde(DPM_ADAPTIVE_RTOL, sde, DPM_ADAPTIVE_RTOL_FALLBACK) if rtol is None else rtol
     _check_control(rtol, atol, h_init, theta, max_nfe)
     options = dict(order=order, rtol=rtol, atol=atol, h_init=h_init, theta=theta, prediction=prediction, eps=eps,
                    denoise_final=denoise_final, max_nfe=max_nfe)
