@@ -11,7 +11,10 @@ h <- min(what is left, theta h E^(-r)). ``atol`` is in the units of x, so 0.0078
 
 ``dpm_adaptive`` steps in half-log-SNR l = log(alpha / sigma) with one step size for the batch
 (E is the largest per-sample error, as the paper's code); r = 1/order. ``gotta_go_fast`` steps in t
-with one step size per sample (each sample's own E decides its step), r = 0.9 as the paper.
+with one step size per sample (each sample's own E decides its step), r = 0.9 as the paper: with
+b(x, t) = f(x, t) - g(t)^2 score(x, t) the reverse drift (``sde.flow``) and z ~ N(0, I),
+    x'  = x - h b(x, t) + sqrt(h) g(t) z                            (Euler-Maruyama: x_low)
+    x'' = (x' + x - h b(x', t - h) + sqrt(h) g(t - h) z) / 2          (improved Euler, the SAME z: x_high)
 """
 
 from __future__ import annotations
@@ -53,6 +56,14 @@ def scaled_error(x_low: Tensor, x_high: Tensor, x_prev: Tensor, rtol: float, ato
     return ((x_high - x_low) / delta).square().flatten(1).mean(1).sqrt()
 
 
+def _check_run(sde: SDE, x_T: Tensor, eps: float | None, rtol: float, atol: float, h_init: float, theta: float,
+               max_nfe: int) -> float:
+    """The shared checks; returns the end time (default_eps when None)."""
+    eps = check_common(sde, x_T, None, eps)
+    _check_control(rtol, atol, h_init, theta, max_nfe)
+    return default_eps(sde) if eps is None else eps
+
+
 def _check_control(rtol: float, atol: float, h_init: float, theta: float, max_nfe: int) -> None:
     check_positive("rtol", rtol)
     check_positive("atol", atol)
@@ -67,6 +78,14 @@ def _guard(name: str, calls: int, per_attempt: int, max_nfe: int, where: str) ->
     if calls + per_attempt > max_nfe:
         raise RuntimeError(f"sampler {name!r} reached max_nfe={max_nfe} score calls at {where} before reaching "
                            "the end time; loosen rtol/atol or raise max_nfe")
+
+
+def _denoise(name: str, sde: SDE, score: CountedScore, x: Tensor, opts: dict[str, Any]) -> Tensor:
+    """The optional final Tweedie step (guarded by max_nfe)."""
+    if not opts["denoise_final"]:
+        return x
+    _guard(name, score.calls, 1, opts["max_nfe"], f"t = {opts['eps']}")
+    return denoise_step(sde, score, x, opts["eps"])
 
 
 def _bar(progress: bool, name: str):
@@ -125,21 +144,17 @@ def dpm_adaptive(
         RuntimeError: the run would spend more than max_nfe score calls.
         FloatingPointError: the error estimate or the samples came out non-finite.
     """
-    eps = check_common(sde, x_T, None, eps)
-    eps = default_eps(sde) if eps is None else eps
     check_order(order, (2, 3))
     check_prediction(prediction)
     rtol = per_sde(DPM_ADAPTIVE_RTOL, sde, DPM_ADAPTIVE_RTOL_FALLBACK) if rtol is None else rtol
-    _check_control(rtol, atol, h_init, theta, max_nfe)
+    eps = _check_run(sde, x_T, eps, rtol, atol, h_init, theta, max_nfe)
     options = dict(order=order, rtol=rtol, atol=atol, h_init=h_init, theta=theta, prediction=prediction, eps=eps,
                    denoise_final=denoise_final, max_nfe=max_nfe)
     score = CountedScore(score_fn)
     solver = _Solver(sde, score, PREDICTIONS[prediction], _Schedule(sde))
     with torch.no_grad():
         x, info = _dpm_run(solver, x_T, options, callback, progress)
-        if denoise_final:
-            _guard("dpm_adaptive", score.calls, 1, max_nfe, f"t = {eps}")
-            x = denoise_step(sde, score, x, eps)
+        x = _denoise("dpm_adaptive", sde, score, x, options)
     return SampleResult(check_finite(x, "dpm_adaptive", options), score.calls, "dpm_adaptive", options, info=info)
 
 
@@ -192,15 +207,9 @@ def gotta_go_fast(
 ) -> SampleResult:
     """Gotta Go Fast: adaptive EM / improved Euler on the reverse SDE (Jolicoeur-Martineau et al. 2021, Alg. 1).
 
-    For each sample at time t with step h and noise z ~ N(0, I) (from ``generator``), with
-    b(x, t) = f(x, t) - g(t)^2 score(x, t) the reverse drift (``sde.flow``):
-        x'  = x - h b(x, t) + sqrt(h) g(t) z                            (Euler-Maruyama)
-        x'' = (x' + x - h b(x', t - h) + sqrt(h) g(t - h) z) / 2          (improved Euler, the SAME z)
-    E is the sample's own RMS error of (x', x'') (module docstring); if E <= 1 the sample moves to
-    (x'', t - h); then h <- min(t - eps, theta h E^(-exponent)). Every sample has its own t and h;
-    each iteration calls the score on the whole batch at the samples' own times (finished samples ride
-    along with h = 0, as the paper's code), so ``nfe`` = 2 per iteration, and each sample's own need
-    is reported in ``info``.
+    The pair (x', x'') of the module docstring; if E <= 1 the sample moves to (x'', t - h); then
+    h <- min(t - eps, theta h E^(-exponent)). Each iteration calls the score on the whole batch at the
+    samples' own times (finished ones ride along with h = 0, as the paper's code): nfe = 2 per iteration.
 
     Args:
         score_fn, sde, x_T, progress: the shared sampler arguments (see ``sample``); the bar counts
@@ -213,10 +222,8 @@ def gotta_go_fast(
         h_init: the first attempted step in t, > 0 (clipped to T - eps).
         theta: safety factor in (0, 1].
         exponent: the exponent r of the step update, > 0.
-        norm: "sample" (each sample's own RMS error decides its own step, as the paper) or "batch" (one
-            RMS over the whole batch, one step size for all). With few coordinates per sample the
-            per-sample accept test selects the noise draws (a rejected step draws fresh noise), which
-            biases the output law at every tolerance (docs/fast-solvers.md); "batch" averages that away.
+        norm: "sample" (each sample its own E, t and h, as the paper) or "batch" (one RMS over the batch,
+            one step for all: use it with few coordinates per sample, see docs/fast-solvers.md).
         eps: end time; default 1e-3 (VP, sub-VP) or 1e-5 (VE).
         denoise_final: finish with one extra score call: Tweedie's E[x_0 | x_eps].
         max_nfe: the most score calls the run may spend; reaching it raises RuntimeError.
@@ -233,9 +240,7 @@ def gotta_go_fast(
         RuntimeError: the run would spend more than max_nfe score calls.
         FloatingPointError: the error estimate or the samples came out non-finite.
     """
-    eps = check_common(sde, x_T, None, eps)
-    eps = default_eps(sde) if eps is None else eps
-    _check_control(rtol, atol, h_init, theta, max_nfe)
+    eps = _check_run(sde, x_T, eps, rtol, atol, h_init, theta, max_nfe)
     check_positive("exponent", exponent)
     check_choice("norm", norm, NORMS)
     options = dict(rtol=rtol, atol=atol, h_init=h_init, theta=theta, exponent=exponent, norm=norm, eps=eps,
@@ -243,9 +248,7 @@ def gotta_go_fast(
     score = CountedScore(score_fn)
     with torch.no_grad():
         x, info = _ggf_run(sde, score, x_T, options, generator, callback, progress)
-        if denoise_final:
-            _guard("gotta_go_fast", score.calls, 1, max_nfe, f"t = {eps}")
-            x = denoise_step(sde, score, x, eps)
+        x = _denoise("gotta_go_fast", sde, score, x, options)
     info["sample_nfe"] = 2 * (info["sample_accepted"] + info["sample_rejected"]) + int(denoise_final)
     return SampleResult(check_finite(x, "gotta_go_fast", options), score.calls, "gotta_go_fast", options, info=info)
 
