@@ -13,6 +13,8 @@ from sde.samplers.defaults import DDIM_GRID, per_sde
 
 F64 = torch.float64
 GM = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=F64), stds=0.3)
+# adaptive samplers take no steps; their callbacks come once per accepted step / per iteration (info key)
+ADAPTIVE = {"dpm_adaptive": "accepted", "gotta_go_fast": "iterations"}
 
 
 class Counter:
@@ -64,16 +66,19 @@ def test_generator_reproducible_and_callback(name):
     sde = SubVPSDE()
     opts = dict(steps=4) if name != "ode" else dict(method="rk4", steps=4)
     opts["steps"] = 40 if name in ("reverse_diffusion", "pc") else 4  # DDPM's step needs beta(t) dt < 1
+    opts = {} if name in ADAPTIVE else opts
     infos = []
 
     def run(seed, cb=None):
         return sample(GM.score_fn(sde), sde, (5, 2), name, generator=torch.Generator().manual_seed(seed),
-                      dtype=F64, callback=cb, **opts).x
+                      dtype=F64, callback=cb, **opts)
 
-    a, b, c = run(1, infos.append), run(1), run(2)
+    first = run(1, infos.append)
+    a, b, c = first.x, run(1).x, run(2).x
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
-    assert [info["i"] for info in infos] == list(range(opts["steps"]))
+    steps = first.info[ADAPTIVE[name]] if name in ADAPTIVE else opts["steps"]
+    assert [info["i"] for info in infos] == list(range(steps))
     for info in infos:
         assert set(info) >= {"i", "t", "x", "x0_hat"}
         assert info["t"].shape == (5,) and info["x"].shape == info["x0_hat"].shape == (5, 2)
@@ -166,7 +171,8 @@ def test_bad_types():
 
 def test_registries_are_complete():
     assert set(SAMPLERS) == {"euler_maruyama", "reverse_diffusion", "ancestral", "pc", "ode", "ddim", "heun",
-                             "dpm_solver", "unipc", "deis", "dpm_solver_sde", "dpm_2s_ancestral"}
+                             "dpm_solver", "unipc", "deis", "dpm_solver_sde", "dpm_2s_ancestral", "dpm_adaptive",
+                             "gotta_go_fast"}
     assert set(PREDICTORS) == {"euler_maruyama", "reverse_diffusion", "ancestral", "ancestral_posterior"}
     assert set(CORRECTORS) == {"none", "langevin", "annealed_langevin"}
 
@@ -181,6 +187,7 @@ def test_non_finite_output_raises_naming_sampler(name):
     opts = dict(steps=2) if name != "ode" else dict(method="euler", steps=2)
     if name in ("reverse_diffusion", "pc"):
         opts["steps"] = 25  # the DDPM chain needs beta_max / steps < 1 (checked up front)
+    opts = {} if name in ADAPTIVE else opts
     with pytest.raises(FloatingPointError, match=f"sampler '{name}'.*steps"):
         sample(bad_score, sde, (2, 2), name, dtype=F64, **opts)
 

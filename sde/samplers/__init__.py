@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .._checks import check_callable, check_choice, check_int, check_sde, check_tensor
 from ..sdes import SDE, ScoreFn
-from ._base import Callback, SampleResult, default_eps
+from ._base import Callback, SampleResult, default_eps, merge_info
+from .adaptive import dpm_adaptive, gotta_go_fast
 from .correctors import CORRECTORS, annealed_langevin, langevin
 from .cuda_graph import CudaGraphScore
 from .ddim import ddim
@@ -45,6 +46,8 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "deis": deis,
     "dpm_solver_sde": dpm_solver_sde,
     "dpm_2s_ancestral": dpm_2s_ancestral,
+    "dpm_adaptive": dpm_adaptive,
+    "gotta_go_fast": gotta_go_fast,
 }
 
 # Samplers that read the device every step by design (docs/scale.md, "Host syncs"): adaptive step-size
@@ -83,12 +86,13 @@ def sample(
             ``SAMPLERS`` (docs/api.md): ``pc`` (predictor, corrector, snr, ...; ``euler_maruyama``,
             ``reverse_diffusion`` and ``ancestral`` are its predictor-only forms), ``ode`` (method,
             rtol, atol, options: the ``sde.flow`` ODE helper), ``ddim`` (eta), ``heun`` (S_churn, ...),
-            ``dpm_solver`` (order, method, prediction, warmup, ...). All fixed-step samplers share
+            ``dpm_solver`` (order, method, prediction, warmup, ...), the adaptive ``dpm_adaptive`` and
+            ``gotta_go_fast`` (rtol, atol, h_init, ...; no steps). All fixed-step samplers share
             steps, eps, grid and rho (docs/samplers.md, "Time grids").
 
     Returns:
-        SampleResult(x, nfe, sampler, options, callback_nfe); with batching nfe and callback_nfe
-        sum over chunks.
+        SampleResult(x, nfe, sampler, options, callback_nfe, info); with batching nfe and
+        callback_nfe sum over chunks (info: see ``SampleResult``).
 
     Raises:
         ValueError: unknown sampler, bad shape or batch_size, a non-finite x_T, a score output not
@@ -98,7 +102,7 @@ def sample(
     """
     x_T, n, shape, chunk = _check_sample(sde, shape_or_x_T, sampler, callback, batch_size)
     fn = SAMPLERS[sampler]
-    outs, nfe, extra, result = [], 0, 0, None
+    outs, nfe, extra, infos, result = [], 0, 0, [], None
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         if shape is None:
@@ -109,8 +113,9 @@ def sample(
         outs.append(result.x)
         nfe += result.nfe
         extra += result.callback_nfe
+        infos.append(result.info)
     x = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return SampleResult(x, nfe, result.sampler, result.options, callback_nfe=extra)
+    return SampleResult(x, nfe, result.sampler, result.options, callback_nfe=extra, info=merge_info(infos))
 
 
 def _check_sample(sde: SDE, shape_or_x_T, sampler: str, callback: Callback | None, batch_size: int | None):
@@ -150,6 +155,8 @@ __all__ = [
     "deis",
     "dpm_solver_sde",
     "dpm_2s_ancestral",
+    "dpm_adaptive",
+    "gotta_go_fast",
     "euler_maruyama",
     "reverse_diffusion",
     "ancestral",

@@ -42,6 +42,10 @@ class SampleResult:
         callback_nfe: score evaluations spent only to give the callback its ``x0_hat``, not part of
             ``nfe`` (total calls = nfe + callback_nfe). Only ``ode`` spends any (one per grid point,
             since its solver evaluates between the points); 0 without a callback.
+        info: what the sampler measured on its run, beyond nfe; empty for the fixed-step samplers. The
+            adaptive ones report their accepted and rejected steps (ints) and, with per-sample step
+            sizes, per-sample counts as (B,) tensors. ``sample`` with ``batch_size`` sums the numbers
+            and concatenates the tensors over the chunks.
     """
 
     x: Tensor
@@ -49,6 +53,15 @@ class SampleResult:
     sampler: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     callback_nfe: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def merge_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``info`` of chunked runs as one: numbers summed, (B,) tensors concatenated."""
+    if len(infos) == 1:
+        return infos[0]
+    return {k: torch.cat([i[k] for i in infos]) if isinstance(v, Tensor) else sum(i[k] for i in infos)
+            for k, v in infos[0].items()}
 
 
 class CountedScore:

@@ -184,21 +184,28 @@ class _Solver:
 
     def singlestep(self, x_i: Tensor, m0: Tensor, st: _Step, order: int) -> Tensor:
         """One singlestep update of the given order (Lu et al. 2022, Alg. 1-2; DPM-Solver++ Alg. 1)."""
-        base = st.ratio * x_i - st.scale * st.phis[0] * m0
         if order == 1:
-            return base
+            return st.ratio * x_i - st.scale * st.phis[0] * m0
+        return self.embedded_pair(x_i, m0, st, order)[1]
+
+    def embedded_pair(self, x_i: Tensor, m0: Tensor, st: _Step, order: int) -> tuple[Tensor, Tensor]:
+        """The singlestep update of order 2 or 3 and the one of order - 1 that shares its score calls:
+        (DPM-Solver-1, DPM-Solver-2 with r = 1/2) or (DPM-Solver-2 with r_1 = 1/3, DPM-Solver-3), the
+        embedded pairs of DPM-Solver-12 / -23 (Lu et al. 2022, sec. 4.2); ``order - 1`` score calls."""
+        base = st.ratio * x_i - st.scale * st.phis[0] * m0
         rs = R_SINGLESTEP[order]
         mids = [self.sched.t_at(st.c_i[2] + r * st.h) for r in rs]
         c_1 = self.sched.at(mids[0])
         s1 = self.step(st.c_i, c_1)
         m1 = self.model(s1.ratio * x_i - s1.scale * s1.phis[0] * m0, mids[0], c_1)
+        second = base - (0.5 / rs[0]) * st.scale * st.phis[0] * (m1 - m0)
         if order == 2:
-            return base - (0.5 / rs[0]) * st.scale * st.phis[0] * (m1 - m0)
+            return base, second
         r1, r2 = rs
         c_2 = self.sched.at(mids[1])
         s2 = self.step(st.c_i, c_2)
         u2 = s2.ratio * x_i - s2.scale * s2.phis[0] * m0 - (r2 / r1) * s2.scale * s2.phis[1] * (m1 - m0)
-        return base - (1.0 / r2) * st.scale * st.phis[1] * (self.model(u2, mids[1], c_2) - m0)
+        return second, base - (1.0 / r2) * st.scale * st.phis[1] * (self.model(u2, mids[1], c_2) - m0)
 
     def multistep(self, x: Tensor, history: list[tuple[Tensor, float]], st: _Step, order: int) -> Tensor:
         """One multistep update (DPM-Solver++ Alg. 2) of the given order; 0 is the singlestep warm-up."""
