@@ -91,37 +91,81 @@ class GaussianEps(nn.Module):
         return (torch.sqrt(1 - ac).to(x) * x + 0.05 * self.field(x, 500).sample).to(x)
 
 
-def errors() -> list[tuple[str, int, float]]:
+# (label, diffusers scheduler class name, its options): their solvers at their defaults unless named
+THEIRS = (
+    ("DPMSolverMultistep 2M", "DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistep 3M", "DPMSolverMultistepScheduler", dict(solver_order=3)),
+    ("DPMSolverSinglestep (order 2)", "DPMSolverSinglestepScheduler", {}),
+    ("UniPCMultistep bh2 p=2", "UniPCMultistepScheduler", {}),
+    ("UniPCMultistep bh2 p=3", "UniPCMultistepScheduler", dict(solver_order=3)),
+    ("UniPCMultistep bh1 p=3", "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh1")),
+    ("DEISMultistep (order 3, log-rho)", "DEISMultistepScheduler", {}),
+    ("DPMSolverMultistep 3M, noise prediction", "DPMSolverMultistepScheduler",
+     dict(solver_order=3, algorithm_type="dpmsolver")),
+)
+# (label, our sampler, its options): one score call per step (no singlestep warm-up), so NFE = steps
+OURS = (
+    ("dpm_solver++ 2M", "dpm_solver", dict(order=2)),
+    ("dpm_solver++ 3M", "dpm_solver", dict(order=3, warmup="lower_order")),
+    ("unipc bh2 p=2", "unipc", dict(order=2, variant="bh2")),
+    ("unipc bh2 p=3", "unipc", dict(order=3, variant="bh2")),
+    ("unipc bh1 p=3", "unipc", dict(order=3, variant="bh1")),
+    ("deis order 3, log-SNR basis", "deis", dict(order=3, basis="log_snr", warmup="lower_order")),
+    ("deis order 3, t basis", "deis", dict(order=3, basis="t", warmup="lower_order")),
+    ("ddim", "ddim", {}),
+    ("dpm_solver 3M, noise prediction", "dpm_solver", dict(order=3, warmup="lower_order", prediction="noise")),
+    ("unipc bh2 p=3, noise prediction", "unipc", dict(order=3, variant="bh2", prediction="noise")),
+)
+STEPS = (10, 20, 40)
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).pow(2).mean().sqrt().item()
+
+
+def references(net: nn.Module, score, sde, x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(DDIM on all 1000 timesteps: the issue's reference; our 3M on the same 1000 timesteps: an accurate one;
+    rows that measure both)."""
     import diffusers
 
-    ddpm = diffusers.DDPMScheduler()
-    net = GaussianEps(ddpm.alphas_cumprod)
+    ddim = {}
+    for n in (500, 1000):
+        sched = diffusers.DDIMScheduler(clip_sample=False)
+        sched.set_timesteps(n)
+        ddim[n] = diffusers_loop(net, sched, x_T)
+    ts = [(n + 1) / sde.N for n in range(sde.N - 1, -1, -1)]  # every tabulated timestep, then the denoise
+    fine = {o: SAMPLERS["dpm_solver"](score, sde, x_T, order=o, grid=ts, warmup="lower_order").x for o in (2, 3)}
+    rows = [("diffusers DDIM, 500 steps", rms(ddim[500], ddim[1000]), rms(ddim[500], fine[3])),
+            ("diffusers DDIM, 1000 steps", 0.0, rms(ddim[1000], fine[3])),
+            ("ours dpm_solver++ 2M, 1000 steps", rms(fine[2], ddim[1000]), rms(fine[2], fine[3]))]
+    return ddim[1000], fine[3], rows
+
+
+def errors() -> tuple[list[tuple[str, float, float]], list[tuple[str, dict[int, tuple[float, float]]]]]:
+    """(the references' own errors; per solver {steps: (RMS distance to DDIM-1000, to 3M-1000)}, NFE = steps)."""
+    import diffusers
+
+    net = GaussianEps(diffusers.DDPMScheduler().alphas_cumprod)
     x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    ref_sched = diffusers.DDIMScheduler(clip_sample=False)
-    ref_sched.set_timesteps(1000)
-    ref = diffusers_loop(net, ref_sched, x_T)
-    half = diffusers.DDIMScheduler(clip_sample=False)
-    half.set_timesteps(500)  # first order: |DDIM_500 - DDIM_1000| ~ the reference's own error
-    floor = (diffusers_loop(net, half, x_T) - ref).pow(2).mean().sqrt().item()
-    rows = [("diffusers DDIM (the reference's error floor)", 500, floor)]
-    for steps in (10, 20):
-        for name, cls, kw in (("diffusers DPMSolverMultistep (2M)", diffusers.DPMSolverMultistepScheduler, {}),
-                              ("diffusers UniPCMultistep (bh2, order 2)", diffusers.UniPCMultistepScheduler, {})):
-            sched = cls(**kw)
+    score, sde = from_diffusers(net, scheduler=diffusers.DPMSolverMultistepScheduler())
+    ddim_ref, fine_ref, rows = references(net, score, sde, x_T)
+    table: dict[str, dict[int, tuple[float, float]]] = {}
+    for steps in STEPS:
+        def put(label: str, x: torch.Tensor, steps: int = steps) -> None:
+            table.setdefault(label, {})[steps] = (rms(x, ddim_ref), rms(x, fine_ref))
+
+        for label, cls, kw in THEIRS:
+            sched = getattr(diffusers, cls)(**kw)
             sched.set_timesteps(steps)
-            rows.append((name, steps, (diffusers_loop(net, sched, x_T) - ref).pow(2).mean().sqrt().item()))
-        score, sde = from_diffusers(net, scheduler=diffusers.DPMSolverMultistepScheduler())
+            put(f"diffusers {label}", diffusers_loop(net, sched, x_T))
         sched = diffusers.DPMSolverMultistepScheduler()
         sched.set_timesteps(steps)
-        grid = scheduler_grid(sched, sde)
-        named = dict(steps=steps - 1, eps=grid["grid"][-1], grid="log_snr")  # same NFE: steps - 1 + the denoise
-        for name, opts in (("ours dpm_solver++ order 2, their grid", dict(order=2, **grid)),
-                           ("ours dpm_solver++ order 3, their grid", dict(order=3, warmup="lower_order", **grid)),
-                           ("ours dpm_solver++ order 2, log-SNR grid", dict(order=2, **named)),
-                           ("ours dpm_solver++ order 3, log-SNR grid", dict(order=3, warmup="lower_order", **named))):
-            x = SAMPLERS["dpm_solver"](score, sde, x_T, lower_order_final=False, **opts).x
-            rows.append((name, steps, (x - ref).pow(2).mean().sqrt().item()))
-    return rows
+        theirs = scheduler_grid(sched, sde)  # their linspace timesteps, the last step to sigma = 0 (our denoise)
+        named = dict(steps=steps - 1, eps=theirs["grid"][-1], grid="log_snr")  # steps - 1 + the denoise
+        for where, grid in (("their grid", theirs), ("log-SNR grid", named)):
+            for label, name, kw in OURS:
+                put(f"ours {label}, {where}", SAMPLERS[name](score, sde, x_T, **kw, **grid).x)
+    return rows, list(table.items())
 
 
 def main() -> None:
@@ -132,9 +176,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not args.skip_errors:
-        print("| sampler | steps | RMS error vs 1000-step DDIM |\n|---|---|---|")
-        for name, steps, err in errors():
-            print(f"| {name} | {steps} | {err:.2e} |")
+        refs, rows = errors()
+        print("| reference check | RMS vs DDIM-1000 | RMS vs 3M-1000 |\n|---|---|---|")
+        for name, a, b in refs:
+            print(f"| {name} | {a:.2e} | {b:.2e} |")
+        cols = " | ".join(f"{n} steps" for n in STEPS)
+        print(f"\n| sampler (RMS vs DDIM-1000 / vs 3M-1000) | {cols} |\n|---|" + "---|" * len(STEPS))
+        for name, errs in rows:
+            print(f"| {name} | " + " | ".join(f"{errs[n][0]:.2e} / {errs[n][1]:.2e}" for n in STEPS) + " |")
     if not args.skip_timing:
         print("\n| 20 steps, batch 4, 1 thread | diffusers loop (s) | ours (s) | ours / theirs |\n|---|---|---|---|")
         for name, theirs, ours in timing(args.repeats):
