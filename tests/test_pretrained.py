@@ -3,6 +3,7 @@ step for step against diffusers' own scheduler loops (same network, same x_T, sa
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -270,8 +271,15 @@ def test_bad_input(unet, tmp_path):
         from_diffusers(tmp_path / "bare")
     score, sde = from_diffusers(tmp_path / "bare", scheduler=diffusers.DDIMScheduler())  # bare folder + scheduler
     assert isinstance(sde, DiscreteVPSDE)
-    with pytest.raises(ValueError, match="LCMScheduler.*supported"):
+    with pytest.raises(ValueError, match=r"LCMScheduler.*supported: \[.*'DDIMScheduler'.*'ScoreSdeVeScheduler'\]"):
         from_diffusers(unet, scheduler=diffusers.LCMScheduler())
+    lcm = save_pipeline(tmp_path / "lcm", unet, diffusers.LCMScheduler())  # a class name read from a file
+    with pytest.raises(ValueError, match="LCMScheduler.*supported"):
+        from_diffusers(lcm)
+    config = json.loads((lcm / "unet" / "config.json").read_text())
+    (lcm / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ValueError, match="UNet2DConditionModel.*UNet2DModel"):
+        from_diffusers(lcm, scheduler=diffusers.DDPMScheduler())
     with pytest.raises(ValueError, match="prediction_type"):
         from_diffusers(unet, scheduler=diffusers.DDPMScheduler(), prediction_type="flow")
     cfg = dict(diffusers.DDPMScheduler().config, _class_name="DDPMScheduler", prediction_type="noise")
@@ -279,7 +287,9 @@ def test_bad_input(unet, tmp_path):
         from_diffusers(unet, scheduler=cfg)
     t = torch.full((2,), 0.5)
     with pytest.raises(ValueError, match=r"takes \(B, 3, 8, 8\)"):
-        score(torch.zeros(2, 1, 8, 8), t)
+        score(torch.zeros(2, 1, 8, 8), t)  # channels
+    with pytest.raises(ValueError, match=r"takes \(B, 3, 8, 8\)"):
+        score(torch.zeros(2, 3, 16, 16), t)  # sample_size
     with pytest.raises(ValueError, match="unconditional"):
         score(x_T(), t, 3)
     with pytest.raises(ValueError, match="unconditional|num_classes=0"):
