@@ -1,14 +1,18 @@
 """Pretrained-model benchmark: our samplers on a diffusers UNet2DModel against diffusers' own loops.
 
-    python experiments/bench_pretrained.py [--repeats 1] [--skip-timing]
+    python experiments/bench_pretrained.py [--repeats 3] [--skip-timing] [--skip-errors]
 
 1. Wall time, batch 4, CPU, 1 thread, 20 steps: our DDIM and DPM-Solver++(2M) through from_diffusers
    against diffusers' DDIMScheduler / DPMSolverMultistepScheduler loops with the same network (the
    google/ddpm-cifar10-32 architecture, 35.7M parameters, random weights: the time is the network's).
-2. Sample error at 10 and 20 steps: RMS distance to a 1000-step DDIM solution from the same x_T, for
-   a well-behaved network: the exact noise predictor of N(0, I) data, sqrt(1 - alphas_cumprod) x, plus
-   0.05 times a small random UNet field read at a fixed timestep (random weights alone make every sampler
-   diverge). Clipping off.
+   Repeats are interleaved (theirs, ours; then ours, theirs; ...); median and min of each, and the seconds
+   spent outside the network per step (wall time minus the time inside the UNet's forward).
+2. Sample error at 10, 20 and 40 steps (NFE = steps for every row): RMS distance to a 1000-step DDIM
+   solution from the same x_T (the issue's reference) and to our DPM-Solver++ 3M on the same 1000 timesteps
+   (an accurate one: the 2M on them is 5e-5 away, DDIM 1.8e-3), for diffusers' fast schedulers and ours on
+   their timesteps and on a log-SNR grid. The network is a well-behaved one: the exact noise predictor of
+   N(0, I) data, sqrt(1 - alphas_cumprod) x, plus 0.05 times a small random UNet field read at a fixed
+   timestep (random weights alone make every sampler diverge). Clipping off.
 Prints markdown tables (copied into docs/benchmarks.md).
 """
 
@@ -40,7 +44,33 @@ def diffusers_loop(unet, scheduler, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def timing(repeats: int) -> list[tuple[str, float, float]]:
+class _NetClock:
+    """Wraps a module's forward to add up the seconds spent inside it (the network's share of a run)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.seconds, self.calls, inner = 0.0, 0, module.forward
+
+        def forward(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            return out
+
+        module.forward = forward
+
+    def run(self, fn) -> tuple[float, float]:
+        """(wall seconds of fn(), seconds outside the network per network call)."""
+        self.seconds, self.calls = 0.0, 0
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+        return wall, (wall - self.seconds) / max(self.calls, 1)
+
+
+def timing(repeats: int) -> list[tuple[str, list[float], list[float], list[float], list[float]]]:
+    """Per solver: (name, their walls, our walls, their and our seconds outside the network per step); the two
+    runs of a repeat follow each other, in alternating order, so drifts of the machine's load hit both."""
     import diffusers
 
     torch.manual_seed(0)
@@ -48,25 +78,49 @@ def timing(repeats: int) -> list[tuple[str, float, float]]:
     n_params = sum(p.numel() for p in unet.parameters())
     assert abs(n_params / 1e6 - 35.7) < 0.1, n_params
     x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    clock = _NetClock(unet)
+    with torch.no_grad():
+        unet(x_T, 999)  # warm-up: first-call allocations
     rows = []
-    for name, cls, ours in (("DDIM", diffusers.DDIMScheduler, dict(sampler="ddim")),
-                            ("DPM-Solver++(2M)", diffusers.DPMSolverMultistepScheduler,
-                             dict(sampler="dpm_solver", order=2, lower_order_final=False))):
-        sched = cls(clip_sample=False) if name == "DDIM" else cls()
+    for name, sched, sampler, opts in (
+            ("DDIM", diffusers.DDIMScheduler(clip_sample=False), "ddim", {}),
+            ("DPM-Solver++(2M)", diffusers.DPMSolverMultistepScheduler(), "dpm_solver",
+             dict(order=2, lower_order_final=False))):
         score, sde = from_diffusers(unet, scheduler=sched)
         sched.set_timesteps(20)
-        opts = {k: v for k, v in ours.items() if k != "sampler"} | scheduler_grid(sched, sde)
-        best_t, best_o = float("inf"), float("inf")
-        for _ in range(repeats):
+        opts = opts | scheduler_grid(sched, sde)
+
+        def theirs(sched=sched):
             sched.set_timesteps(20)  # multistep schedulers keep a step index and past outputs: reset them
-            t0 = time.perf_counter()
             diffusers_loop(unet, sched, x_T)
-            best_t = min(best_t, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            SAMPLERS[ours["sampler"]](score, sde, x_T, **opts)
-            best_o = min(best_o, time.perf_counter() - t0)
-        rows.append((name, best_t, best_o))
+
+        def ours(score=score, sde=sde, sampler=sampler, opts=opts):
+            SAMPLERS[sampler](score, sde, x_T, **opts)
+
+        got = {theirs: [], ours: []}
+        for r in range(repeats):
+            for fn in ((theirs, ours) if r % 2 == 0 else (ours, theirs)):
+                got[fn].append(clock.run(fn))
+        rows.append((name, *([w for w, _ in got[f]] for f in (theirs, ours)),
+                     *([o for _, o in got[f]] for f in (theirs, ours))))
     return rows
+
+
+def _print_timing(repeats: int) -> None:
+    import os
+    import statistics
+
+    load0 = os.getloadavg()[0]
+    rows = timing(repeats)
+    print(f"\n| 20 steps, batch 4, 1 thread, {repeats} interleaved repeats | diffusers loop: median (min) s | "
+          "ours: median (min) s | ours / theirs: median (min) | outside the network per step, theirs / ours (ms) |"
+          "\n|---|---|---|---|---|")
+    for name, th, ou, th_o, ou_o in rows:
+        med = statistics.median
+        print(f"| {name} | {med(th):.2f} ({min(th):.2f}) | {med(ou):.2f} ({min(ou):.2f}) | "
+              f"{med(ou) / med(th):.3f} ({min(ou) / min(th):.3f}) | {med(th_o) * 1e3:.2f} / {med(ou_o) * 1e3:.2f} |")
+        print(f"<!-- {name} walls: theirs {[round(v, 2) for v in th]}, ours {[round(v, 2) for v in ou]} -->")
+    print(f"\n1-minute load average: {load0:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)")
 
 
 class GaussianEps(nn.Module):
@@ -91,54 +145,99 @@ class GaussianEps(nn.Module):
         return (torch.sqrt(1 - ac).to(x) * x + 0.05 * self.field(x, 500).sample).to(x)
 
 
-def errors() -> list[tuple[str, int, float]]:
+# (label, diffusers scheduler class name, its options): their solvers at their defaults unless named
+THEIRS = (
+    ("DPMSolverMultistep 2M", "DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistep 3M", "DPMSolverMultistepScheduler", dict(solver_order=3)),
+    ("DPMSolverSinglestep (order 2)", "DPMSolverSinglestepScheduler", {}),
+    ("UniPCMultistep bh2 p=2", "UniPCMultistepScheduler", {}),
+    ("UniPCMultistep bh2 p=3", "UniPCMultistepScheduler", dict(solver_order=3)),
+    ("UniPCMultistep bh1 p=3", "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh1")),
+    ("DEISMultistep (order 3, log-rho)", "DEISMultistepScheduler", {}),
+)
+# (label, our sampler, its options): one score call per step (no singlestep warm-up), so NFE = steps
+OURS = (
+    ("dpm_solver++ 2M", "dpm_solver", dict(order=2)),
+    ("dpm_solver++ 3M", "dpm_solver", dict(order=3, warmup="lower_order")),
+    ("unipc bh2 p=2", "unipc", dict(order=2, variant="bh2")),
+    ("unipc bh2 p=3", "unipc", dict(order=3, variant="bh2")),
+    ("unipc bh1 p=3", "unipc", dict(order=3, variant="bh1")),
+    ("deis order 3, log-SNR basis", "deis", dict(order=3, basis="log_snr", warmup="lower_order")),
+    ("deis order 3, t basis", "deis", dict(order=3, basis="t", warmup="lower_order")),
+    ("ddim", "ddim", {}),
+    ("dpm_solver 3M, noise prediction", "dpm_solver", dict(order=3, warmup="lower_order", prediction="noise")),
+    ("unipc bh2 p=3, noise prediction", "unipc", dict(order=3, variant="bh2", prediction="noise")),
+)
+STEPS = (10, 20, 40)
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).pow(2).mean().sqrt().item()
+
+
+def references(net: nn.Module, score, sde, x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(DDIM on all 1000 timesteps: the issue's reference; our 3M on the same 1000 timesteps: an accurate one;
+    rows that measure both)."""
     import diffusers
 
-    ddpm = diffusers.DDPMScheduler()
-    net = GaussianEps(ddpm.alphas_cumprod)
+    ddim = {}
+    for n in (500, 1000):
+        sched = diffusers.DDIMScheduler(clip_sample=False)
+        sched.set_timesteps(n)
+        ddim[n] = diffusers_loop(net, sched, x_T)
+    ts = [(n + 1) / sde.N for n in range(sde.N - 1, -1, -1)]  # every tabulated timestep, then the denoise
+    fine = {o: SAMPLERS["dpm_solver"](score, sde, x_T, order=o, grid=ts, warmup="lower_order").x for o in (2, 3)}
+    rows = [("diffusers DDIM, 500 steps", rms(ddim[500], ddim[1000]), rms(ddim[500], fine[3])),
+            ("diffusers DDIM, 1000 steps", 0.0, rms(ddim[1000], fine[3])),
+            ("ours dpm_solver++ 2M, 1000 steps", rms(fine[2], ddim[1000]), rms(fine[2], fine[3]))]
+    return ddim[1000], fine[3], rows
+
+
+def errors() -> tuple[list[tuple[str, float, float]], list[tuple[str, dict[int, tuple[float, float]]]]]:
+    """(the references' own errors; per solver {steps: (RMS distance to DDIM-1000, to 3M-1000)}, NFE = steps)."""
+    import diffusers
+
+    net = GaussianEps(diffusers.DDPMScheduler().alphas_cumprod)
     x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    ref_sched = diffusers.DDIMScheduler(clip_sample=False)
-    ref_sched.set_timesteps(1000)
-    ref = diffusers_loop(net, ref_sched, x_T)
-    half = diffusers.DDIMScheduler(clip_sample=False)
-    half.set_timesteps(500)  # first order: |DDIM_500 - DDIM_1000| ~ the reference's own error
-    floor = (diffusers_loop(net, half, x_T) - ref).pow(2).mean().sqrt().item()
-    rows = [("diffusers DDIM (the reference's error floor)", 500, floor)]
-    for steps in (10, 20):
-        for name, cls, kw in (("diffusers DPMSolverMultistep (2M)", diffusers.DPMSolverMultistepScheduler, {}),
-                              ("diffusers UniPCMultistep (bh2, order 2)", diffusers.UniPCMultistepScheduler, {})):
-            sched = cls(**kw)
+    score, sde = from_diffusers(net, scheduler=diffusers.DPMSolverMultistepScheduler())
+    ddim_ref, fine_ref, rows = references(net, score, sde, x_T)
+    table: dict[str, dict[int, tuple[float, float]]] = {}
+    for steps in STEPS:
+        def put(label: str, x: torch.Tensor, steps: int = steps) -> None:
+            table.setdefault(label, {})[steps] = (rms(x, ddim_ref), rms(x, fine_ref))
+
+        for label, cls, kw in THEIRS:
+            sched = getattr(diffusers, cls)(**kw)
             sched.set_timesteps(steps)
-            rows.append((name, steps, (diffusers_loop(net, sched, x_T) - ref).pow(2).mean().sqrt().item()))
-        score, sde = from_diffusers(net, scheduler=diffusers.DPMSolverMultistepScheduler())
+            put(f"diffusers {label}", diffusers_loop(net, sched, x_T))
         sched = diffusers.DPMSolverMultistepScheduler()
         sched.set_timesteps(steps)
-        grid = scheduler_grid(sched, sde)
-        named = dict(steps=steps - 1, eps=grid["grid"][-1], grid="log_snr")  # same NFE: steps - 1 + the denoise
-        for name, opts in (("ours dpm_solver++ order 2, their grid", dict(order=2, **grid)),
-                           ("ours dpm_solver++ order 3, their grid", dict(order=3, warmup="lower_order", **grid)),
-                           ("ours dpm_solver++ order 2, log-SNR grid", dict(order=2, **named)),
-                           ("ours dpm_solver++ order 3, log-SNR grid", dict(order=3, warmup="lower_order", **named))):
-            x = SAMPLERS["dpm_solver"](score, sde, x_T, lower_order_final=False, **opts).x
-            rows.append((name, steps, (x - ref).pow(2).mean().sqrt().item()))
-    return rows
+        theirs = scheduler_grid(sched, sde)  # their linspace timesteps, the last step to sigma = 0 (our denoise)
+        named = dict(steps=steps - 1, eps=theirs["grid"][-1], grid="log_snr")  # steps - 1 + the denoise
+        for where, grid in (("their grid", theirs), ("log-SNR grid", named)):
+            for label, name, kw in OURS:
+                put(f"ours {label}, {where}", SAMPLERS[name](score, sde, x_T, **kw, **grid).x)
+    return rows, list(table.items())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1, help="timing repeats (the best is kept)")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved timing repeats (median and min reported)")
     parser.add_argument("--skip-timing", action="store_true", help="only the error table")
     parser.add_argument("--skip-errors", action="store_true", help="only the timing table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not args.skip_errors:
-        print("| sampler | steps | RMS error vs 1000-step DDIM |\n|---|---|---|")
-        for name, steps, err in errors():
-            print(f"| {name} | {steps} | {err:.2e} |")
+        refs, rows = errors()
+        print("| reference check | RMS vs DDIM-1000 | RMS vs 3M-1000 |\n|---|---|---|")
+        for name, a, b in refs:
+            print(f"| {name} | {a:.2e} | {b:.2e} |")
+        cols = " | ".join(f"{n} steps" for n in STEPS)
+        print(f"\n| sampler (RMS vs DDIM-1000 / vs 3M-1000) | {cols} |\n|---|" + "---|" * len(STEPS))
+        for name, errs in rows:
+            print(f"| {name} | " + " | ".join(f"{errs[n][0]:.2e} / {errs[n][1]:.2e}" for n in STEPS) + " |")
     if not args.skip_timing:
-        print("\n| 20 steps, batch 4, 1 thread | diffusers loop (s) | ours (s) | ours / theirs |\n|---|---|---|---|")
-        for name, theirs, ours in timing(args.repeats):
-            print(f"| {name} | {theirs:.2f} | {ours:.2f} | {ours / theirs:.3f} |")
+        _print_timing(args.repeats)
 
 
 if __name__ == "__main__":

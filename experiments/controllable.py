@@ -60,13 +60,17 @@ class Job:
 
 
 # -- class-conditional generation -------------------------------------------------------------------
-def _class_ids(cfg: DictConfig, num_classes: int, device) -> Tensor:
-    """control.classes (null = every class in turn) cycled over num_images, checked against the model's classes."""
+def _class_ids(cfg: DictConfig, num_classes: int, device, null_class: int | None = None) -> Tensor:
+    """control.classes (null = every class in turn) cycled over num_images, checked against the model's classes;
+    ``null_class``: a label-dropout id inside [0, num_classes) (diffusers models), never a class to generate."""
     classes = cfg.control.classes
-    ids = list(range(num_classes)) if classes is None else list(classes if OmegaConf.is_list(classes) else [classes])
-    bad = [c for c in ids if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes]
+    ids = ([c for c in range(num_classes) if c != null_class] if classes is None
+           else list(classes if OmegaConf.is_list(classes) else [classes]))
+    bad = [c for c in ids if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes
+           or c == null_class]
     if not ids or bad:
-        raise ValueError(f"control.classes={ids!r}: class ids must be integers in [0, {num_classes - 1}] "
+        null = "" if null_class is None else f", except the null class {null_class}"
+        raise ValueError(f"control.classes={ids!r}: class ids must be integers in [0, {num_classes - 1}]{null} "
                          f"(the model has {num_classes} classes); offending: {bad}")
     return torch.tensor(ids, device=device).repeat(math.ceil(cfg.num_images / len(ids)))[: cfg.num_images]
 
@@ -92,6 +96,9 @@ def _guided(cfg: DictConfig, job: Job, score_fn, y: Tensor) -> tuple[dict, dict]
 
 def _need_classes(job: Job, what: str) -> int:
     k = int(getattr(job.model, "num_classes", 0))
+    if k == 0 and job.source.kind == "diffusers":
+        raise ValueError(f"control={what} needs a class-conditional model, but the diffusers model at score.path "
+                         "has no class embedding (its config's num_class_embeds is null)")
     if k == 0:
         raise ValueError(f"control={what} needs a class-conditional model, but the checkpoint "
                          f"{str(job.source.checkpoint_path)!r} has "
@@ -104,7 +111,12 @@ def run_cfg(cfg: DictConfig, job: Job) -> tuple[dict, dict]:
     """Classifier-free guidance with the checkpoint's own null class."""
     from sde.guidance import cfg_score
 
-    y = _class_ids(cfg, _need_classes(job, "cfg"), job.device)
+    k = _need_classes(job, "cfg")
+    null = getattr(job.model, "null_class", None)  # diffusers models: the label-dropout id, one of their k ids
+    if job.source.kind == "diffusers" and null is None:
+        raise ValueError("control=cfg on a diffusers model needs score.null_class=<the class id its label dropout "
+                         f"trained as 'unconditional', in [0, {k - 1}]>")
+    y = _class_ids(cfg, k, job.device, null)
     return _guided(cfg, job, cfg_score(job.model, y, scale=float(cfg.control.scale)), y)
 
 

@@ -106,6 +106,9 @@ def load_data(data_cfg: DictConfig, **kwargs: Any):
 
     ds = build_data(to_plain(data_cfg), **kwargs)  # through sde.checkpoint.DATA_LOADERS, never an import path
     shape = tuple(int(s) for s in data_cfg.shape)
+    if tuple(ds.shape) != shape and data_cfg.get("shape_from"):  # score=diffusers: the shape is the model's
+        raise ValueError(f"data={data_cfg.name!r} has samples of shape {tuple(ds.shape)}, but {data_cfg.shape_from} "
+                         f"takes {shape} (its in_channels and sample_size): choose a data= of that shape")
     if tuple(ds.shape) != shape:
         raise ValueError(
             f"data={data_cfg.name!r} loaded samples of shape {tuple(ds.shape)} but the config says "

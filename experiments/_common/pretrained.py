@@ -6,6 +6,8 @@ ScoreSdeVe); ``score.scheduler=<folder or scheduler_config.json>`` overrides it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,7 +42,10 @@ def diffusers_source(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     score_fn, sde, _ = build_diffusers_score(cfg.score, device, dtype)
     data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     if score_fn.sample_shape is not None:
+        if [int(d) for d in data.get("shape", [])] != list(score_fn.sample_shape):
+            data.shape_from = f"the model at score.path={cfg.score.path}"  # named by load_data if real data disagree
         data.shape = list(score_fn.sample_shape)
+        data.dim = math.prod(score_fn.sample_shape)
         data.image = True
     return ScoreSource(kind="diffusers", score_fn=score_fn, sde=sde, data=data, sde_config={"name": type(sde).__name__},
                        model=score_fn)  # the DiffusersScore: a score_fn with conditional(y), as a ScoreModel

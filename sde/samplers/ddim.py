@@ -9,10 +9,11 @@ eta = 1 is ancestral sampling.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .._checks import bcast
 from ..flow import tweedie
 from ..sdes import SDE, ScoreFn
 from ._base import (
@@ -70,21 +71,29 @@ def ddim(
     steps, eps = len(ts) - 1, ts[-1]
     options = dict(steps=steps, eps=eps, eta=eta, grid=grid, denoise_final=denoise_final)
     score = CountedScore(score_fn)
+    al, sg, ls = _schedule(sde, ts, eta > 0)
     x = x_T
     with torch.no_grad():
         for i in steps_iter(steps, progress, "ddim"):
-            tt, ss = times(ts[i], x), times(ts[i + 1], x)
-            a_t, sig_t, a_s, sig_s = sde.alpha(tt), sde.sigma(tt), sde.alpha(ss), sde.sigma(ss)
+            tt = times(ts[i], x)
             sc = score(x, tt)
-            noise = -bcast(sig_t, x) * sc
-            x0 = tweedie(sde, x, tt, sc, alpha=bcast(a_t, x), sigma=bcast(sig_t, x))
+            noise = -sg[i] * sc
+            x0 = tweedie(sde, x, tt, sc, alpha=al[i], sigma=sg[i])
             emit(callback, i, tt, x, x0)
-            x = bcast(a_s, x) * x0
+            x = al[i + 1] * x0
             if eta > 0:
-                c = eta * sig_s * torch.sqrt(-torch.expm1(sde.log_snr(tt) - sde.log_snr(ss)))
-                x = x + bcast(torch.sqrt(sig_s**2 - c**2), x) * noise + bcast(c, x) * randn_like(x, generator)
+                c = eta * sg[i + 1] * math.sqrt(-math.expm1(ls[i] - ls[i + 1]))
+                x = x + math.sqrt(max(sg[i + 1] ** 2 - c**2, 0.0)) * noise + c * randn_like(x, generator)
             else:
-                x = x + bcast(sig_s, x) * noise
+                x = x + sg[i + 1] * noise
         if denoise_final:
             x = denoise_step(sde, score, x, eps)
     return SampleResult(check_finite(x, "ddim", options), score.calls, "ddim", options)
+
+
+def _schedule(sde: SDE, ts: list[float], with_log_snr: bool) -> tuple[list[float], list[float], list[float]]:
+    """alpha, sigma (and log-SNR, for eta > 0) at every grid time, once, in float64 Python floats: the
+    steps then do no schedule arithmetic on tensors."""
+    tt = torch.tensor(ts, dtype=torch.float64)
+    log_snr = sde.log_snr(tt).tolist() if with_log_snr else []
+    return sde.alpha(tt).tolist(), sde.sigma(tt).tolist(), log_snr
