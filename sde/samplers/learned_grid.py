@@ -117,9 +117,9 @@ def learn_grid(
         sweeps: pattern-search sweeps.
         init_step: initial pattern-search step on the logits.
         objective: a name in ``OBJECTIVES``: "whitened" (squared error over each coordinate's variance across
-            the reference outputs, about twice the KL to the reference for Gaussian-like outputs) or "mse".
-        var_floor: added to each coordinate's variance in the "whitened" objective, as a fraction of the
-            mean variance, so that (nearly) constant coordinates do not dominate; >= 0.
+            the reference outputs: about 2 KL to the reference for Gaussian-like outputs) or "mse".
+        var_floor: "whitened": added to each variance, as a fraction of the mean variance, so that (nearly)
+            constant coordinates do not dominate; >= 0.
         init: the grid the search starts from, a name in ``GRIDS`` ("log_snr", "edm", "uniform").
         rho: exponent of the "edm" starting grid.
         generator: for the prior draws.
@@ -130,16 +130,13 @@ def learn_grid(
         LearnedGrid(grid, loss, initial_loss, nfe).
 
     Raises:
-        ValueError: unknown sampler / objective / init, steps < 2, bad counts, var_floor < 0, or
-            sampler_options holding steps / eps / grid.
+        ValueError: unknown sampler/objective/init, steps < 2, bad counts, var_floor < 0, steps/eps/grid options.
     """
     fn = _check_learn_grid(sampler, steps, n_samples, reference_steps, sweeps, init_step, objective, var_floor,
                            init, sampler_options)
-    eps = default_eps(sde) if eps is None else eps
-    x_T, ref, l_ends = _reference(score_fn, sde, fn, shape, eps, n_samples, reference_steps, generator, dtype,
-                                  device, sampler_options)
-    nfe = [ref.nfe]
-    error = partial(OBJECTIVES[objective], ref=ref.x, var_floor=var_floor)
+    x_T, ref, l_ends, eps = _reference(score_fn, sde, fn, shape, eps, n_samples, reference_steps, generator, dtype,
+                                       device, sampler_options)
+    nfe, error = [ref.nfe], partial(OBJECTIVES[objective], ref=ref.x, var_floor=var_floor)
     loss = _grid_loss(score_fn, sde, fn, x_T, error, l_ends, eps, sampler_options, nfe)
     w = _initial_logits(sde, steps, eps, init, rho)
     best = initial = loss(w)
@@ -167,13 +164,15 @@ def _check_learn_grid(sampler: str, steps: int, n_samples: int, reference_steps:
     return SAMPLERS[sampler]
 
 
-def _reference(score_fn: ScoreFn, sde: SDE, fn, shape: tuple[int, ...], eps: float, n_samples: int,
+def _reference(score_fn: ScoreFn, sde: SDE, fn, shape: tuple[int, ...], eps: float | None, n_samples: int,
                reference_steps: int, generator, dtype, device, sampler_options: dict):
-    """The prior draws x_T, the reference solve on them (log-SNR grid) and the half-log-SNR ends (l_T, l_eps)."""
+    """The prior draws x_T, the reference solve on them (log-SNR grid), the half-log-SNR ends (l_T, l_eps)
+    and the end time eps (default ``default_eps(sde)``)."""
+    eps = default_eps(sde) if eps is None else eps
     x_T = sde.prior_sampling((n_samples, *shape), generator=generator, device=device, dtype=dtype)
     ref = fn(score_fn, sde, x_T, steps=reference_steps, eps=eps, grid="log_snr", **sampler_options)
     lam = sde.log_snr(torch.tensor([sde.T, eps], dtype=torch.float64))
-    return x_T, ref, (0.5 * float(lam[0]), 0.5 * float(lam[1]))
+    return x_T, ref, (0.5 * float(lam[0]), 0.5 * float(lam[1])), eps
 
 
 def _grid_loss(score_fn: ScoreFn, sde: SDE, fn, x_T: torch.Tensor, error, l_ends: tuple[float, float], eps: float,
