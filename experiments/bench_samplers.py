@@ -16,6 +16,11 @@ Tables:
   stochastic - exact-law KL of the stochastic solvers on the 3072-D Gaussian, NFE 20-100.
   defaults - the measurements behind the per-SDE defaults (ancestral variance, ddim grid,
              dpm_solver lower_order_final).
+  digits   - needs --checkpoint (a trained digits model, e.g. from experiments/train.py): FD-digits against
+             the test split, distance to a many-step solution and CPU time at 10 and 20 NFE for every fast
+             solver, the learned grids and the references; then the learned grid against the fixed grids at
+             10 NFE. Runs only when --checkpoint is given:
+             python experiments/bench_samplers.py --only digits --checkpoint outputs/train/<name>/<run>/checkpoint.pt
 """
 
 from __future__ import annotations
