@@ -16,6 +16,11 @@ Tables:
   stochastic - exact-law KL of the stochastic solvers on the 3072-D Gaussian, NFE 20-100.
   defaults - the measurements behind the per-SDE defaults (ancestral variance, ddim grid,
              dpm_solver lower_order_final).
+  digits   - needs --checkpoint (a trained digits model, e.g. from experiments/train.py): FD-digits against
+             the test split, distance to a many-step solution and CPU time at 10 and 20 NFE for every fast
+             solver, the learned grids and the references; then the learned grid against the fixed grids at
+             10 NFE. Runs only when --checkpoint is given:
+             python experiments/bench_samplers.py --only digits --checkpoint outputs/train/<name>/<run>/checkpoint.pt
 """
 
 from __future__ import annotations
@@ -289,10 +294,18 @@ FAST = {  # label -> (sampler, options given the NFE budget n, Tweedie final ste
 }
 
 
-LEARNED = {  # label -> unipc options; the grid is learned per SDE and NFE with learn_grid (8 prior draws)
-    "unipc bh2 p=2, learned grid": dict(order=2),
-    "unipc bh2 p=3, learned grid": dict(order=3),
+LEARNED = {  # label -> (sampler, options); the grid is learned per SDE, model and NFE with learn_grid (8 prior draws)
+    "dpm_solver++ 2M, learned grid": ("dpm_solver", dict(order=2)),
+    "unipc bh2 p=2, learned grid": ("unipc", dict(order=2)),
+    "unipc bh2 p=3, learned grid": ("unipc", dict(order=3)),
 }
+LEARN = dict(n_samples=8, sweeps=6)  # learn_grid's budget in the tables (about 1200 score calls of 8 draws)
+
+
+def learned(score_fn, sde, shape, name: str, n: int, **opts):
+    """The LearnedGrid of sampler ``name`` at an NFE budget of n (n - 1 steps and the Tweedie step)."""
+    return learn_grid(score_fn, sde, shape, name, steps=n - 1, generator=torch.Generator().manual_seed(0),
+                      **LEARN, **opts)
 
 
 def _references():
@@ -346,12 +359,11 @@ def table_fast(args) -> None:
                 best["ours"][k] = min(best["ours"][k], kl)
                 cells.append(f"{kl:.3g}" + ("" if nfe == n else f" ({nfe})"))
             print(f"| {label} | " + " | ".join(cells) + " |")
-        for label, opts in LEARNED.items():
+        for label, (name, opts) in LEARNED.items():
             cells = []
             for k, n in enumerate(budgets):
-                lg = learn_grid(gm.score_fn(sde), sde, mu.shape, "unipc", steps=n - 1, n_samples=8, sweeps=6,
-                                generator=torch.Generator().manual_seed(0), **opts)
-                kl, _ = exact_kl(sde, mu, std, "unipc", grid=lg.grid, **opts)
+                grid = learned(gm.score_fn(sde), sde, mu.shape, name, n, **opts).grid
+                kl, _ = exact_kl(sde, mu, std, name, grid=grid, **opts)
                 best["ours"][k] = min(best["ours"][k], kl)
                 cells.append(f"{kl:.3g}")
             print(f"| {label} | " + " | ".join(cells) + " |")
@@ -366,6 +378,121 @@ def table_fast(args) -> None:
             print(f"| ref: {label} | " + " | ".join(cells) + " |")
         print("| **best ours / best reference** | " + " | ".join(
             f"{o / r:.2f}" if r < math.inf else "-" for o, r in zip(best["ours"], best["refs"])) + " |")
+
+
+DIGITS_EXACT_STEPS = 100  # steps of the many-step solution the digits tables measure distances to
+
+
+class _Digits:
+    """A trained digits checkpoint and what the digits tables measure against: the test split's features,
+    the fixed x_T of every run, and FD-digits / wall time / distance to a many-step solution."""
+
+    def __init__(self, args) -> None:
+        from sde.checkpoint import load_score_model
+        from sde.data import load_dataset
+        from sde.features.digits_classifier import get_digits_classifier
+
+        loaded = load_score_model(args.checkpoint, dtype=torch.float32)
+        model, self.sde = loaded.model, loaded.sde
+        self.score = lambda x, t: model(x.float(), t.float()).to(x.dtype)  # float32 net, float64 solvers
+        self.clf = get_digits_classifier(dtype=torch.float32)
+        test, train = load_dataset("digits", split="test").data, load_dataset("digits").data
+        self.shape, self.n, self.n_test = tuple(test.shape[1:]), args.digits_samples, test.shape[0]
+        self.test_stats = self._stats(test)
+        pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))[: min(self.n, len(train))]
+        self.floor = self.fd(train[pick])
+        self.x_T = self.sde.prior_sampling((self.n, *self.shape), generator=torch.Generator().manual_seed(1),
+                                           dtype=F64)
+        self.exact, self.grids = None, {}
+
+    def learned(self, name: str, n: int, **opts) -> list[float]:
+        """The learned grid of (name, opts) at n NFE for this model (learned once; its cost kept in
+        ``self.grids[key][1:]``: score calls, CPU seconds)."""
+        key = (name, n, tuple(sorted(opts.items())))
+        if key not in self.grids:
+            t0 = time.process_time()
+            lg = learned(self.score, self.sde, self.shape, name, n, **opts)
+            self.grids[key] = (lg.grid, lg.nfe, time.process_time() - t0)
+        return self.grids[key][0]
+
+    def _stats(self, x):
+        from sde.metrics import FeatureStats
+
+        with torch.no_grad():
+            return FeatureStats.from_features(self.clf(x.float().clamp(-1, 1)))
+
+    def fd(self, x) -> float:
+        from sde.metrics import frechet_distance
+
+        return frechet_distance(self._stats(x), self.test_stats)
+
+    def run(self, fn) -> tuple[torch.Tensor, float]:
+        """x = fn(x_T) and its CPU time in seconds (one thread; the process clock, steadier than the wall
+        clock on a shared machine)."""
+        t0 = time.process_time()
+        x = fn(self.x_T)
+        return x, time.process_time() - t0
+
+    def ours(self, name, **opts):
+        return lambda x: sample(self.score, self.sde, x, name, **opts).x
+
+    def reference(self, run, ts):
+        """A reference driver (made for (B, D) data) on the flattened images."""
+        def score(x, t):
+            return self.score(x.view(-1, *self.shape), t).flatten(1)
+
+        return lambda x: run(self.sde, score, x.flatten(1), ts).view(-1, *self.shape)
+
+    def distance(self, x) -> float:
+        """RMS distance per pixel to the many-step solution from the same x_T (unipc p=3, DIGITS_EXACT_STEPS)."""
+        if self.exact is None:
+            self.exact = self.run(self.ours("unipc", order=3, steps=DIGITS_EXACT_STEPS))[0]
+        return float(((x - self.exact) ** 2).mean().sqrt())
+
+
+def table_digits(args) -> None:
+    """FD-digits of a trained digits model at 10 and 20 NFE for every solver, the learned grids and the
+    references; then the learned grid against every fixed grid at 10 NFE."""
+    if args.checkpoint is None:
+        raise SystemExit("--only digits needs --checkpoint <a digits checkpoint, e.g. from experiments/train.py>")
+    d = _Digits(args)
+    budgets = (10, 20)
+    print(f"\n### Trained digits U-Net ({type(d.sde).__name__}, `{args.checkpoint}`): FD-digits of {d.n} samples "
+          f"against the {d.n_test} test images (floor, {d.n} training images: {d.floor:.2f}), "
+          f"RMS distance per pixel to a {DIGITS_EXACT_STEPS}-step unipc p=3 solution from the same x_T, CPU time "
+          "of the draw (one thread)\n")
+    print("| solver | " + " | ".join(f"FD NFE {n}" for n in budgets) + " | "
+          + " | ".join(f"distance NFE {n}" for n in budgets) + " | CPU s (10 / 20) |")
+    print("|---|" + "---|" * (2 * len(budgets) + 1))
+    runs = {label: (lambda n, make=make: d.ours(make(n)[0], **make(n)[1])) for label, make in FAST.items()}
+    for label, (name, opts) in LEARNED.items():
+        runs[label] = lambda n, name=name, opts=opts: d.ours(
+            name, grid=d.learned(name, n, **opts), **opts)
+    for label, run in _references().items():
+        runs[f"ref: {label}"] = lambda n, run=run: d.reference(run, time_grid(d.sde, n - 1, 1e-3, "log_snr"))
+    for label, make in runs.items():
+        out = [d.run(make(n)) for n in budgets]
+        print(f"| {label} | " + " | ".join(f"{d.fd(x):.2f}" for x, _ in out) + " | "
+              + " | ".join(f"{d.distance(x):.4f}" for x, _ in out) + " | "
+              + " / ".join(f"{w:.1f}" for _, w in out) + " |")
+    _digits_grids(d)
+
+
+def _digits_grids(d: _Digits) -> None:
+    """The learned grid against the fixed grids at 10 NFE on the trained model."""
+    grids = ("uniform", "log_snr", "edm", "learned")
+    print(f"\n### Trained digits U-Net, 10 NFE: learned grid against the fixed grids (RMS distance per pixel to "
+          f"the {DIGITS_EXACT_STEPS}-step solution / FD-digits, {d.n} samples)\n")
+    print("| solver | " + " | ".join(grids) + f" | learning cost (score calls of {LEARN['n_samples']} draws / CPU s) |")
+    print("|---|" + "---|" * (len(grids) + 1))
+    for label, (name, opts) in LEARNED.items():
+        cells = []
+        for grid in grids:
+            ts = d.learned(name, 10, **opts) if grid == "learned" else grid
+            x, _ = d.run(d.ours(name, steps=None if grid == "learned" else 9, grid=ts, **opts))
+            cells.append(f"{d.distance(x):.4f} / {d.fd(x):.2f}")
+        _, calls, cpu = d.grids[(name, 10, tuple(sorted(opts.items())))]
+        print(f"| {label.removesuffix(', learned grid')} | " + " | ".join(cells) + f" | {calls} / {cpu:.0f} |")
 
 
 def exact_law(name, sde, mu, std, steps, **opts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,20 +580,23 @@ def table_defaults(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["quality", "kl3072", "overhead", "shared_time", "fast", "stochastic",
-                                      "defaults"], default=None,
+                                      "defaults", "digits"], default=None,
                    help="run one table")
     p.add_argument("--n", type=int, default=500, help="samples for the 2-D mixture table")
     p.add_argument("--batch", type=int, default=4, help="batch of the overhead table")
     p.add_argument("--overhead-steps", type=int, default=6, help="steps of the overhead table")
     p.add_argument("--repeats", type=int, default=2, help="timing repeats (best is kept)")
     p.add_argument("--shared-calls", type=int, default=50, help="calls timed per cell of the shared_time table")
+    p.add_argument("--checkpoint", default=None,
+                   help="digits checkpoint for --only digits (e.g. outputs/train/digits/<run>/checkpoint.pt)")
+    p.add_argument("--digits-samples", type=int, default=359, help="samples per cell of the digits tables")
     args = p.parse_args()
     torch.set_num_threads(1)
     tables = {"quality": table_quality, "kl3072": table_kl3072, "overhead": table_overhead,
               "shared_time": table_shared_time, "fast": table_fast, "stochastic": table_stochastic,
-              "defaults": table_defaults}
+              "defaults": table_defaults, "digits": table_digits}
     for name, fn in tables.items():
-        if args.only in (None, name):
+        if args.only == name or (args.only is None and (name != "digits" or args.checkpoint is not None)):
             fn(args)
 
 
