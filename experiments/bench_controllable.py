@@ -82,7 +82,7 @@ def bias_table(args) -> None:
     for sde in (VPSDE(), VESDE(sigma_max=10.0)):
         for method, zeta in methods:
             opts = {} if zeta is None else {"zeta": zeta}
-            res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y, mask), conditioning=method,
+            res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y, mask), method=method,
                                 sampler="euler_maruyama", steps=args.steps, generator=g, **opts)
             xu = res.x[:, UNKNOWN]
             cov = torch.cov(xu.T)
@@ -119,13 +119,13 @@ def _run_method(method: str, gm, sde, mask, y0, K: int, R: int, args, g) -> tupl
     unknown = mask == 0
     if method == "smc":
         res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(R, -1).clone(), mask),
-                            conditioning="smc", particles=K, ess_threshold=args.ess_threshold, steps=args.steps,
+                            method="smc", particles=K, ess_threshold=args.ess_threshold, steps=args.steps,
                             generator=g)
         return res.particles[..., unknown], res.log_weights.exp(), res.nfe
     opts = {"replacement": {"sampler": "euler_maruyama"}, "dps": {"sampler": "euler_maruyama", "zeta": 1.0},
             "repaint": {"jump_length": 10, "resample": args.resample}}[method]
     res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(R * K, -1).clone(), mask),
-                        conditioning=method, steps=args.steps, generator=g, **opts)
+                        method=method, steps=args.steps, generator=g, **opts)
     x = res.x[:, unknown].view(R, K, -1)
     return x, torch.full((R, K), 1.0 / K, dtype=F64), res.nfe
 
