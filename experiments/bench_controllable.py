@@ -136,8 +136,10 @@ def ksweep_table(args) -> None:
           f"{args.steps} EM steps; ESS threshold {args.ess_threshold}; RePaint j=10, r={args.resample}\n")
     print("| problem | SDE | method | K | mean error | cov error | weight error | NFE | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
     for pname, (gm, mask, y0) in problems().items():
+        if args.problems and pname not in args.problems:
+            continue
         post = gm.condition(mask=mask, values=y0)
         for sname in args.sdes:
             for method in args.methods:
@@ -240,6 +242,9 @@ def main() -> None:
     p.add_argument("--zetas", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="bias: DPS strengths")
     p.add_argument("--ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
     p.add_argument("--methods", nargs="+", default=["smc", "replacement", "dps", "repaint"])
+    p.add_argument("--problems", nargs="+", default=None, choices=list(problems()),
+                   help="ksweep: the problems to run (default: all three)")
+    p.add_argument("--seed", type=int, default=0, help="ksweep: seed of the generator")
     p.add_argument("--sdes", nargs="+", default=["VP", "sub-VP", "VE"], choices=["VP", "sub-VP", "VE"])
     p.add_argument("--ess-threshold", type=float, default=0.5, help="SMC resampling threshold on ESS / K")
     p.add_argument("--resample", type=int, default=5, help="RePaint passes per stretch (r)")
