@@ -289,6 +289,11 @@ def test_controllable_app_runs_smc_repaint_and_sdedit(tmp_path):
         m = json.loads((out / "metrics.json").read_text())
         assert m["method"] == method and m["consistency_max_error"] == 0.0
         assert (out / "inpaint_ess.png").is_file() == (method == "smc")
+    # The ode sampler's own `method` option reaches it through sampler_options, next to control.method.
+    run_app("controllable.py", [*common, "control=inpaint", "control.method=replacement", "sampler=ode",
+                                "sampler.options.method=euler", f"hydra.run.dir={tmp_path / 'ode'}"], tmp_path)
+    m = json.loads((tmp_path / "ode" / "metrics.json").read_text())
+    assert m["method"] == "replacement" and m["consistency_max_error"] == 0.0 and m["nfe"] >= 8
     run_app("controllable.py", [*common, "control=edit", "control.t0=0.3", "control.keep=left_half",
                                 f"hydra.run.dir={tmp_path / 'edit'}"], tmp_path)
     m = json.loads((tmp_path / "edit" / "metrics.json").read_text())
