@@ -17,6 +17,7 @@ Parts (``--part``):
   and FD-digits against t0.
 
     python experiments/bench_controllable.py --part ksweep [--n 65536 --n-baseline 16384 --steps 200]
+    python experiments/bench_controllable.py --part ksweep --methods smc --problems "mixture 8-D" --steps 800
     python experiments/bench_controllable.py --part bias --n 2000 --steps 300
 
 Prints Markdown tables (docs/benchmarks.md, "Controllable generation"; docs/controllable.md).
