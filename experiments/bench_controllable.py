@@ -17,6 +17,7 @@ Parts (``--part``):
   and FD-digits against t0.
 
     python experiments/bench_controllable.py --part ksweep [--n 65536 --n-baseline 16384 --steps 200]
+    python experiments/bench_controllable.py --part ksweep --methods smc --problems "mixture 8-D" --steps 800
     python experiments/bench_controllable.py --part bias --n 2000 --steps 300
 
 Prints Markdown tables (docs/benchmarks.md, "Controllable generation"; docs/controllable.md).
@@ -82,7 +83,7 @@ def bias_table(args) -> None:
     for sde in (VPSDE(), VESDE(sigma_max=10.0)):
         for method, zeta in methods:
             opts = {} if zeta is None else {"zeta": zeta}
-            res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y, mask), conditioning=method,
+            res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y, mask), method=method,
                                 sampler="euler_maruyama", steps=args.steps, generator=g, **opts)
             xu = res.x[:, UNKNOWN]
             cov = torch.cov(xu.T)
@@ -119,13 +120,13 @@ def _run_method(method: str, gm, sde, mask, y0, K: int, R: int, args, g) -> tupl
     unknown = mask == 0
     if method == "smc":
         res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(R, -1).clone(), mask),
-                            conditioning="smc", particles=K, ess_threshold=args.ess_threshold, steps=args.steps,
+                            method="smc", particles=K, ess_threshold=args.ess_threshold, steps=args.steps,
                             generator=g)
         return res.particles[..., unknown], res.log_weights.exp(), res.nfe
     opts = {"replacement": {"sampler": "euler_maruyama"}, "dps": {"sampler": "euler_maruyama", "zeta": 1.0},
             "repaint": {"jump_length": 10, "resample": args.resample}}[method]
     res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(R * K, -1).clone(), mask),
-                        conditioning=method, steps=args.steps, generator=g, **opts)
+                        method=method, steps=args.steps, generator=g, **opts)
     x = res.x[:, unknown].view(R, K, -1)
     return x, torch.full((R, K), 1.0 / K, dtype=F64), res.nfe
 
@@ -136,8 +137,10 @@ def ksweep_table(args) -> None:
           f"{args.steps} EM steps; ESS threshold {args.ess_threshold}; RePaint j=10, r={args.resample}\n")
     print("| problem | SDE | method | K | mean error | cov error | weight error | NFE | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
     for pname, (gm, mask, y0) in problems().items():
+        if args.problems and pname not in args.problems:
+            continue
         post = gm.condition(mask=mask, values=y0)
         for sname in args.sdes:
             for method in args.methods:
@@ -240,6 +243,9 @@ def main() -> None:
     p.add_argument("--zetas", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="bias: DPS strengths")
     p.add_argument("--ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
     p.add_argument("--methods", nargs="+", default=["smc", "replacement", "dps", "repaint"])
+    p.add_argument("--problems", nargs="+", default=None, choices=list(problems()),
+                   help="ksweep: the problems to run (default: all three)")
+    p.add_argument("--seed", type=int, default=0, help="ksweep: seed of the generator")
     p.add_argument("--sdes", nargs="+", default=["VP", "sub-VP", "VE"], choices=["VP", "sub-VP", "VE"])
     p.add_argument("--ess-threshold", type=float, default=0.5, help="SMC resampling threshold on ESS / K")
     p.add_argument("--resample", type=int, default=5, help="RePaint passes per stretch (r)")

@@ -223,7 +223,9 @@ def _method_options(cfg: DictConfig) -> dict:
     method, c = cfg.control.method, cfg.control
     if method in ("replacement", "dps"):
         options = OmegaConf.to_container(cfg.sampler.options, resolve=True) if cfg.sampler.get("options") else {}
-        return {"sampler": cfg.sampler.name, **options, **({"zeta": float(c.zeta)} if method == "dps" else {})}
+        # sampler_options: the sampler's own names (the ode sampler's `method`) never meet solve_inverse's
+        return {"sampler": cfg.sampler.name, "sampler_options": options,
+                **({"zeta": float(c.zeta)} if method == "dps" else {})}
     if method == "smc":
         return {"particles": int(c.particles), "ess_threshold": float(c.ess_threshold), "steps": int(c.steps)}
     if method == "repaint":
@@ -236,7 +238,7 @@ def _method_options(cfg: DictConfig) -> dict:
 def _solve(cfg: DictConfig, job: Job, constraint) -> tuple[Tensor, int]:
     from sde.inverse import solve_inverse
 
-    res = solve_inverse(job.model, job.sde, constraint, conditioning=cfg.control.method,
+    res = solve_inverse(job.model, job.sde, constraint, method=cfg.control.method,
                         generator=job.generator, **_method_options(cfg))
     if hasattr(res, "ess"):  # SMC: the ESS-over-time picture
         _save_ess_plot(res.ess, job.out / f"{cfg.control.name}_ess.png", job)

@@ -42,7 +42,6 @@ from ._checks import (
     bcast,
     check_all_finite,
     check_callable,
-    check_choice,
     check_int,
     check_positive,
     check_sde,
@@ -374,13 +373,18 @@ def _with_sampler(wrap: Callable[..., ScoreFn], *keys: str) -> Callable[..., Any
     """A score-wrapper method run by any registered sampler, then projected."""
 
     def solve(score_fn: ScoreFn, sde: SDE, constraint: Constraint, *, sampler: str | None = None,
-              generator: torch.Generator | None = None, **options: Any):
+              sampler_options: dict[str, Any] | None = None, generator: torch.Generator | None = None,
+              **options: Any):
         from .samplers import sample  # imported here: the sampler registry imports nothing from us
 
         cond = wrap(score_fn, sde, constraint, **{k: options.pop(k) for k in keys if k in options})
+        both = sorted(set(options) & set(sampler_options or {}))
+        if both:
+            raise TypeError(f"sampler option(s) {both} given both as keywords and in sampler_options; give each once")
         b = constraint.target
         x_T = sde.prior_sampling(b.shape, generator=generator, device=b.device, dtype=b.dtype)
-        result = sample(cond, sde, x_T, sampler=sampler or "pc", generator=generator, **options)
+        result = sample(cond, sde, x_T, sampler=sampler or "pc", generator=generator, **options,
+                        **(sampler_options or {}))
         return _with_x(result, project(result.x, constraint))
 
     return solve
@@ -390,10 +394,12 @@ def _own_loop(run: Callable[..., Any], name: str) -> Callable[..., Any]:
     """A method with its own reverse loop (EM kernel): no ``sampler`` choice."""
 
     def solve(score_fn: ScoreFn, sde: SDE, constraint: Constraint, *, sampler: str | None = None,
-              generator: torch.Generator | None = None, **options: Any):
-        if sampler is not None:
-            raise ValueError(f"conditioning={name!r} runs its own reverse Euler-Maruyama loop; "
-                             f"sampler={sampler!r} cannot be used with it (leave sampler unset)")
+              sampler_options: dict[str, Any] | None = None, generator: torch.Generator | None = None,
+              **options: Any):
+        for arg, value in (("sampler", sampler), ("sampler_options", sampler_options or None)):
+            if value is not None:
+                raise ValueError(f"method={name!r} runs its own reverse loop; {arg}={value!r} cannot be used "
+                                 f"with it (leave {arg} unset; its options go in as keywords)")
         return run(score_fn, sde, constraint, generator=generator, **options)
 
     return solve
@@ -408,13 +414,28 @@ CONDITIONING_METHODS: dict[str, Callable[..., Any]] = {
 
 
 # -- convenience: build, sample, project --------------------------------------------------------
+def _check_method(method: Any, sampler_options: Any, options: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuse the removed ``conditioning=`` keyword, an unknown method and a non-dict ``sampler_options``."""
+    if "conditioning" in options:
+        raise TypeError(f"conditioning= was renamed: pass method={options['conditioning']!r} "
+                        f"(a sampler's own 'method' option goes in sampler_options={{'method': ...}})")
+    if method not in CONDITIONING_METHODS:
+        raise ValueError(f"method={method!r} is not supported; choose one of {sorted(CONDITIONING_METHODS)} "
+                         f"(an 'ode' sampler's integration method goes in sampler_options={{'method': ...}})")
+    if sampler_options is not None and not (isinstance(sampler_options, dict)
+                                            and all(isinstance(k, str) for k in sampler_options)):
+        raise TypeError(f"sampler_options must be a dict of option name -> value, got {sampler_options!r}")
+    return sampler_options
+
+
 def solve_inverse(
     score_fn: ScoreFn,
     sde: SDE,
     constraint: Constraint,
     *,
-    conditioning: str = "replacement",
+    method: str = "replacement",
     sampler: str | None = None,
+    sampler_options: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
     **options: Any,
 ):
@@ -422,32 +443,37 @@ def solve_inverse(
 
     "replacement" and "dps" are score wrappers run by any registered sampler (x_T drawn from the
     prior with the shape, dtype and device of ``constraint.target``); "repaint" and "smc" run
-    their own reverse Euler-Maruyama loop. Every result is ``project``ed: P x = b exactly.
+    their own reverse loop. Every result is ``project``ed: P x = b exactly.
 
     Args:
         score_fn: unconditional score model.
         sde: the forward SDE.
         constraint: the measurement.
-        conditioning: "replacement", "dps", "repaint" or "smc"; not called ``method``
-            because the "ode" sampler has an option of that name.
+        method: "replacement", "dps", "repaint" or "smc" (DESIGN.md's ``method=``).
         sampler: for "replacement" / "dps": any name in ``sde.samplers.SAMPLERS`` (default "pc");
             must stay None for "repaint" and "smc".
+        sampler_options: for "replacement" / "dps": options of the sampler, given as a dict;
+            the route for names that ``solve_inverse`` itself takes, e.g. the "ode" sampler's
+            ``sampler_options={"method": "rk4"}``; must stay None for "repaint" and "smc".
         generator: drives every random draw.
         **options: the method's own options, then the sampler's: "dps" takes ``zeta``;
             "repaint" ``steps, jump_length, resample, eps``; "smc" ``particles, ess_threshold,
-            steps, eps, noise_std`` (``sde.smc.smc_inverse``); the rest go to the sampler
+            steps, eps, noise_std, ...`` (``sde.smc.smc_inverse``); the rest go to the sampler
             (an option nobody takes raises TypeError).
 
     Returns:
         A SampleResult (an ``sde.smc.SMCResult`` for "smc") whose ``x`` has the target's shape.
 
     Raises:
-        ValueError: unknown conditioning or sampler, a sampler given to "repaint" / "smc", or
-            the method's own checks (zeta <= 0, particles < 1, ess_threshold outside (0, 1], ...).
+        TypeError: the removed keyword ``conditioning=`` (renamed ``method=``), a sampler option
+            given both as a keyword and in ``sampler_options``, or an option nobody takes.
+        ValueError: unknown method or sampler, a sampler or sampler_options given to "repaint" /
+            "smc", or the method's own checks (zeta <= 0, particles < 1, ess_threshold outside
+            (0, 1], ...).
     """
-    check_choice("conditioning", conditioning, CONDITIONING_METHODS)
-    return CONDITIONING_METHODS[conditioning](score_fn, sde, constraint, sampler=sampler, generator=generator,
-                                              **options)
+    sampler_options = _check_method(method, sampler_options, options)
+    return CONDITIONING_METHODS[method](score_fn, sde, constraint, sampler=sampler, sampler_options=sampler_options,
+                                        generator=generator, **options)
 
 
 def _with_x(result: Any, x: Tensor) -> Any:
@@ -456,19 +482,52 @@ def _with_x(result: Any, x: Tensor) -> Any:
     return result._replace(x=x)  # NamedTuple
 
 
-def inpaint(score_fn: ScoreFn, sde: SDE, y: Tensor, mask: Tensor, **kwargs: Any):
+def inpaint(score_fn: ScoreFn, sde: SDE, y: Tensor, mask: Tensor, *, method: str = "replacement", **kwargs: Any):
     """Inpainting: sample the pixels where mask == 0 given y where mask == 1.
 
-    ``kwargs`` go to ``solve_inverse`` (conditioning, sampler, zeta, generator, sampler options).
+    Args:
+        score_fn: unconditional score model.
+        sde: the forward SDE.
+        y: (B, ...) images or vectors; values where mask == 0 are ignored.
+        mask: 0/1 tensor broadcastable to y (1 = known), as in ``inpainting_constraint``.
+        method: a name in ``CONDITIONING_METHODS`` ("replacement", "dps", "repaint", "smc").
+        **kwargs: ``solve_inverse``'s other keywords (sampler, sampler_options, generator, options).
+
+    Returns:
+        ``solve_inverse``'s result; ``x`` equals y where mask == 1, bit for bit.
     """
-    return solve_inverse(score_fn, sde, inpainting_constraint(y, mask), **kwargs)
+    return solve_inverse(score_fn, sde, inpainting_constraint(y, mask), method=method, **kwargs)
 
 
-def colorize(score_fn: ScoreFn, sde: SDE, gray: Tensor, **kwargs: Any):
-    """Colorization: sample RGB images (B, 3, H, W) whose channel mean equals ``gray``."""
-    return solve_inverse(score_fn, sde, colorization_constraint(gray), **kwargs)
+def colorize(score_fn: ScoreFn, sde: SDE, gray: Tensor, *, method: str = "replacement", **kwargs: Any):
+    """Colorization: sample RGB images (B, 3, H, W) whose channel mean equals ``gray``.
+
+    Args:
+        score_fn: unconditional score model of RGB images.
+        sde: the forward SDE.
+        gray: (B, 1, H, W) the wanted channel mean.
+        method: a name in ``CONDITIONING_METHODS``.
+        **kwargs: ``solve_inverse``'s other keywords (sampler, sampler_options, generator, options).
+
+    Returns:
+        ``solve_inverse``'s result; ``x.mean(1)`` equals gray.
+    """
+    return solve_inverse(score_fn, sde, colorization_constraint(gray), method=method, **kwargs)
 
 
-def super_resolve(score_fn: ScoreFn, sde: SDE, y_low: Tensor, factor: int, **kwargs: Any):
-    """Super-resolution: sample (B, C, f h, f w) images whose f x f block means equal y_low."""
-    return solve_inverse(score_fn, sde, super_resolution_constraint(y_low, factor), **kwargs)
+def super_resolve(score_fn: ScoreFn, sde: SDE, y_low: Tensor, factor: int, *, method: str = "replacement",
+                  **kwargs: Any):
+    """Super-resolution: sample (B, C, f h, f w) images whose f x f block means equal y_low.
+
+    Args:
+        score_fn: unconditional score model of the high-resolution images.
+        sde: the forward SDE.
+        y_low: (B, C, h, w) low-resolution images.
+        factor: the integer factor f >= 1.
+        method: a name in ``CONDITIONING_METHODS``.
+        **kwargs: ``solve_inverse``'s other keywords (sampler, sampler_options, generator, options).
+
+    Returns:
+        ``solve_inverse``'s result; ``avg_pool(x, f)`` equals y_low.
+    """
+    return solve_inverse(score_fn, sde, super_resolution_constraint(y_low, factor), method=method, **kwargs)

@@ -684,10 +684,16 @@ CONDITIONING_CASES = [
         r"gray must have shape \(B, 1, H, W\)",
     ),
     (
-        "solve-conditioning",
-        lambda: solve_inverse(SCORE, VP, inpainting_constraint(IMG, MASK), conditioning="bogus"),
+        "solve-method",
+        lambda: solve_inverse(SCORE, VP, inpainting_constraint(IMG, MASK), method="bogus"),
         ValueError,
-        r"conditioning='bogus'.*replacement",
+        r"method='bogus'.*replacement",
+    ),
+    (
+        "solve-conditioning-renamed",
+        lambda: solve_inverse(SCORE, VP, inpainting_constraint(IMG, MASK), conditioning="smc"),
+        TypeError,
+        r"conditioning= was renamed: pass method='smc'",
     ),
 ]
 

@@ -91,7 +91,7 @@ def _inpaint_gaussian(gm, sde, y_known, n, method, generator, zeta=1.0, callback
     y[:, K_IDX] = y_known
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64)
     opts = {"zeta": zeta} if method == "dps" else {}
-    out = inpaint(gm.score_fn(sde), sde, y, mask, conditioning=method, **opts, sampler="euler_maruyama",
+    out = inpaint(gm.score_fn(sde), sde, y, mask, method=method, **opts, sampler="euler_maruyama",
                   steps=200, generator=generator, callback=callback)
     assert torch.equal(out.x[:, K_IDX], y[:, K_IDX])  # known pixels kept exactly
     return out.x[:, U_IDX]
@@ -143,7 +143,7 @@ def test_every_sampler_keeps_measurements(name):
     gm = _image_mixture((3, 4, 4))
     score = _image_score(gm, sde)
     g = torch.Generator().manual_seed(6)
-    opts = {"steps": 30} | ({"method": "rk4"} if name == "ode" else {})
+    opts = {"steps": 30} | ({"sampler_options": {"method": "rk4"}} if name == "ode" else {})
     opts = {} if name in ("dpm_adaptive", "gotta_go_fast") else opts  # adaptive: no steps
     truth = gm.sample(2, g).reshape(2, 3, 4, 4)
     mask = (torch.rand(2, 1, 4, 4, generator=g) > 0.5).to(F64)
@@ -156,7 +156,7 @@ def test_every_sampler_keeps_measurements(name):
     assert x.shape == (2, 3, 4, 4)
     torch.testing.assert_close(x.mean(1, keepdim=True), gray, rtol=0, atol=1e-12)
     low = F.avg_pool2d(truth, 2)
-    res = super_resolve(score, sde, low, 2, sampler=name, generator=g, conditioning="dps", zeta=0.5, **opts)
+    res = super_resolve(score, sde, low, 2, sampler=name, generator=g, method="dps", zeta=0.5, **opts)
     assert res.nfe > 0 and res.x.shape == (2, 3, 4, 4)
     torch.testing.assert_close(F.avg_pool2d(res.x, 2), low, rtol=0, atol=1e-12)
 
@@ -189,7 +189,7 @@ def test_bad_inputs_error_clearly():
         project(torch.zeros(2, 3, 8, 8, dtype=F64), con)
     with pytest.raises(ValueError, match="zeta must be a finite number > 0"):
         dps_score(score, sde, con, zeta=0.0)
-    with pytest.raises(ValueError, match="conditioning='exact' is not supported.*'repaint', 'replacement', 'smc'"):
-        solve_inverse(score, sde, con, conditioning="exact")
+    with pytest.raises(ValueError, match="method='exact' is not supported.*'repaint', 'replacement', 'smc'"):
+        solve_inverse(score, sde, con, method="exact")
     with pytest.raises(ValueError, match="sampler"):
         solve_inverse(score, sde, con, sampler="nope")

@@ -19,6 +19,7 @@ from sde.inverse import (
     repaint_schedule,
     solve_inverse,
     super_resolution_constraint,
+    super_resolve,
 )
 from sde.metrics import energy_distance
 from sde.samplers import sample
@@ -119,12 +120,12 @@ def test_smc_on_images_keeps_measurements_and_reports_ess():
     score = lambda x, t: gm.score(x.flatten(1), sde, t).view(x.shape)  # noqa: E731
     truth = gm.sample(3, g).view(3, 3, 4, 4)
     seen = []
-    x = colorize(score, sde, truth.mean(1, keepdim=True), conditioning="smc", particles=4, steps=20, generator=g,
+    x = colorize(score, sde, truth.mean(1, keepdim=True), method="smc", particles=4, steps=20, generator=g,
                  callback=lambda info: seen.append(info["ess"])).x
     torch.testing.assert_close(x.mean(1, keepdim=True), truth.mean(1, keepdim=True), rtol=0, atol=1e-12)
     assert len(seen) == 20 and all(((e > 0) & (e <= 1 + 1e-12)).all() for e in seen)
     low = F.avg_pool2d(truth, 2)
-    res = solve_inverse(score, sde, super_resolution_constraint(low, 2), conditioning="smc", particles=4, steps=20,
+    res = solve_inverse(score, sde, super_resolution_constraint(low, 2), method="smc", particles=4, steps=20,
                         generator=g)
     assert res.x.shape == truth.shape and res.samples.shape == (3, 4, 3, 4, 4)
     torch.testing.assert_close(F.avg_pool2d(res.x, 2), low, rtol=0, atol=1e-12)
@@ -136,7 +137,7 @@ def test_every_inpainting_method_keeps_known_pixels_exactly(method):
     y = gm.sample(6, torch.Generator().manual_seed(5))
     opts = {"steps": 20} | ({"sampler": "euler_maruyama"} if method in ("replacement", "dps") else {})
     opts |= {"jump_length": 5, "resample": 2} if method == "repaint" else {}
-    x = inpaint(gm.score_fn(sde), sde, y, MASK4, conditioning=method, generator=torch.Generator(), **opts).x
+    x = inpaint(gm.score_fn(sde), sde, y, MASK4, method=method, generator=torch.Generator(), **opts).x
     assert torch.equal(x[:, KNOWN], y[:, KNOWN]) and torch.isfinite(x).all()
 
 
@@ -149,7 +150,7 @@ def test_repaint_schedule_and_remaining_bias():
     gm, sde = _correlated_gaussian(), VPSDE()
     y0 = torch.tensor([0.8, 0.2, 0.0, 0.0], dtype=F64)
     post = gm.condition(mask=MASK4, values=y0)
-    res = inpaint(gm.score_fn(sde), sde, y0.expand(1000, 4).clone(), MASK4, conditioning="repaint", steps=100,
+    res = inpaint(gm.score_fn(sde), sde, y0.expand(1000, 4).clone(), MASK4, method="repaint", steps=100,
                   jump_length=10, resample=5, generator=torch.Generator().manual_seed(6))
     assert res.nfe == 100 + 9 * 10 * 4 + 1  # steps down, incl. the resampled stretches, + the final denoise
     err = (res.x[:, UNKNOWN].mean(0) - post.mean()).norm().item()
@@ -224,15 +225,38 @@ def test_bad_inputs_error_clearly():
         smc_inverse(gm.score_fn(sde), sde, con, particles=0)
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=f"ess_threshold must lie in \\(0, 1\\].*got {bad}"):
-            solve_inverse(gm.score_fn(sde), sde, con, conditioning="smc", ess_threshold=bad)
+            solve_inverse(gm.score_fn(sde), sde, con, method="smc", ess_threshold=bad)
     with pytest.raises(ValueError, match="sampler='pc' cannot be used"):
-        solve_inverse(gm.score_fn(sde), sde, con, conditioning="smc", sampler="pc")
+        solve_inverse(gm.score_fn(sde), sde, con, method="smc", sampler="pc")
     with pytest.raises(TypeError):
-        solve_inverse(gm.score_fn(sde), sde, con, conditioning="replacement", particles=4)  # not silently ignored
+        solve_inverse(gm.score_fn(sde), sde, con, method="replacement", particles=4)  # not silently ignored
     with pytest.raises(ValueError, match=r"mask of shape \(3,\) does not broadcast"):
-        inpaint(gm.score_fn(sde), sde, torch.zeros(2, 4, dtype=F64), torch.ones(3), conditioning="smc")
+        inpaint(gm.score_fn(sde), sde, torch.zeros(2, 4, dtype=F64), torch.ones(3), method="smc")
     with pytest.raises(ValueError, match=r"noise_std must be a finite number >= 0, got -1"):
         smc_inverse(gm.score_fn(sde), sde, con, noise_std=-1.0)
+    for bad in (0, -3):  # K < 1 and a bad ESS threshold in class guidance too
+        with pytest.raises(ValueError, match=f"particles must be >= 1, got {bad}"):
+            smc_guidance(gm.score_fn(sde), sde, (2, 4), lambda x, t: x, 0, particles=bad)
+    with pytest.raises(ValueError, match=r"ess_threshold must lie in \(0, 1\].*got 2"):
+        smc_guidance(gm.score_fn(sde), sde, (2, 4), lambda x, t: x, 0, ess_threshold=2)
+    with pytest.raises(TypeError, match="particles must be an int"):
+        smc_inverse(gm.score_fn(sde), sde, con, particles=2.5)
+    # The measurement operator must fit the data (a mask that does not broadcast: above).
+    with pytest.raises(ValueError, match=r"factor must be >= 1, got 0"):
+        super_resolve(gm.score_fn(sde), sde, torch.zeros(1, 1, 2, 2, dtype=F64), 0, method="smc")
+    with pytest.raises(ValueError, match=r"gray must have shape \(B, 1, H, W\)"):
+        colorize(gm.score_fn(sde), sde, torch.zeros(2, 3, 4, 4, dtype=F64), method="smc")
+    # The renamed keyword and the sampler-option route.
+    with pytest.raises(TypeError, match="conditioning= was renamed: pass method='smc'"):
+        inpaint(gm.score_fn(sde), sde, torch.zeros(2, 4, dtype=F64), MASK4, conditioning="smc")
+    with pytest.raises(ValueError, match=r"method='rk4' is not supported.*sampler_options"):
+        inpaint(gm.score_fn(sde), sde, torch.zeros(2, 4, dtype=F64), MASK4, sampler="ode", method="rk4")
+    with pytest.raises(ValueError, match="sampler_options=.*cannot be used"):
+        solve_inverse(gm.score_fn(sde), sde, con, method="smc", sampler_options={"steps": 3})
+    with pytest.raises(TypeError, match=r"\['steps'\] given both as keywords and in sampler_options"):
+        solve_inverse(gm.score_fn(sde), sde, con, sampler="euler_maruyama", steps=3, sampler_options={"steps": 3})
+    with pytest.raises(TypeError, match="sampler_options must be a dict"):
+        solve_inverse(gm.score_fn(sde), sde, con, sampler="euler_maruyama", sampler_options=["steps"])
     with pytest.raises(ValueError, match="class ids"):
         smc_guidance(gm.score_fn(sde), sde, (2, 4), lambda x, t: x, 5 if False else -1)
     guide = torch.zeros(2, 4, dtype=F64)
@@ -265,6 +289,11 @@ def test_controllable_app_runs_smc_repaint_and_sdedit(tmp_path):
         m = json.loads((out / "metrics.json").read_text())
         assert m["method"] == method and m["consistency_max_error"] == 0.0
         assert (out / "inpaint_ess.png").is_file() == (method == "smc")
+    # The ode sampler's own `method` option reaches it through sampler_options, next to control.method.
+    run_app("controllable.py", [*common, "control=inpaint", "control.method=replacement", "sampler=ode",
+                                "sampler.options.method=euler", f"hydra.run.dir={tmp_path / 'ode'}"], tmp_path)
+    m = json.loads((tmp_path / "ode" / "metrics.json").read_text())
+    assert m["method"] == "replacement" and m["consistency_max_error"] == 0.0 and m["nfe"] >= 8
     run_app("controllable.py", [*common, "control=edit", "control.t0=0.3", "control.keep=left_half",
                                 f"hydra.run.dir={tmp_path / 'edit'}"], tmp_path)
     m = json.loads((tmp_path / "edit" / "metrics.json").read_text())
