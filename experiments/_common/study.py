@@ -92,21 +92,26 @@ def steps_for_nfe(sampler: str, sde, shape: tuple[int, ...], options: dict, budg
     """The largest number of steps whose NFE (as the sampler reports it) is at most ``budget``.
 
     The NFE of a fixed-step sampler is affine in its steps (calls per step, plus warm-up or final-denoise
-    calls): it is measured at two step counts, solved for the budget and checked at the answer.
+    calls): it is measured at three step counts, solved for the budget and checked at the answer.
 
     Raises:
         ValueError: the sampler cannot meet the budget (names the key study.nfe and the smallest NFE), or its
             options are bad (the sampler's own message, with the key study.sampler_options.<sampler>).
     """
+    from sde.flow import ADAPTIVE_METHODS
+
     key = f"study.sampler_options.{sampler}"
+    if sampler == "ode" and options.get("method", "dopri5") in ADAPTIVE_METHODS:
+        raise ValueError(f"{key}={options!r}: an adaptive ODE method chooses its own NFE; the study gives each "
+                         "sampler a budget of steps: use a fixed-grid method (e.g. method: midpoint)")
     try:
-        n8, n9 = _probe_nfe(sampler, sde, shape, options, 8), _probe_nfe(sampler, sde, shape, options, 9)
+        n8, n9, n10 = (_probe_nfe(sampler, sde, shape, options, k) for k in (8, 9, 10))
     except (ValueError, TypeError) as err:
         raise ValueError(f"{key}={options!r}: the sampler refuses these options ({err})") from err
     per_step, extra = n9 - n8, n8 - 8 * (n9 - n8)
-    if per_step <= 0:
-        raise ValueError(f"{key}={options!r}: the NFE of {sampler!r} does not grow with its steps (adaptive?); "
-                         "the study needs a fixed-step method (e.g. ode with method: midpoint)")
+    if per_step <= 0 or n10 - n9 != per_step:
+        raise ValueError(f"{key}={options!r}: the NFE of {sampler!r} ({n8}, {n9}, {n10} for 8, 9, 10 steps) is "
+                         "not a fixed number of score calls per step; the study needs a fixed-step sampler")
     steps = (budget - extra) // per_step
     if steps < 1:
         raise ValueError(f"study.nfe: the budget {budget} is below the smallest NFE of {sampler!r} "
@@ -320,14 +325,14 @@ def save_plots(rows: list[dict], out: Path) -> list[Path]:
             for sampler in dict.fromkeys(r["sampler"] for r in mine):
                 pts = sorted((r["nfe"], r[key]) for r in mine if r["sampler"] == sampler)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sampler)
-            nfes = sorted({r["nfe"] for r in mine})
+            budgets = sorted({r["nfe_budget"] for r in mine})  # points sit at the NFE spent, ticks at the budgets
             ax.set_xscale("log")
-            ax.set_xticks(nfes, [str(n) for n in nfes])
+            ax.set_xticks(budgets, [str(n) for n in budgets])
             ax.xaxis.set_minor_locator(ticker.NullLocator())
             if all(r[key] > 0 for r in mine):  # KID is an unbiased estimate: it can be negative
                 ax.set_yscale("log")
             ax.set_title(f"{name}: {key} (lower is better)")
-            ax.set_xlabel("NFE (score calls per sample)")
+            ax.set_xlabel("NFE spent (score calls per sample)")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
