@@ -50,6 +50,11 @@ def _is_int(v: Any) -> bool:
 def check_study(study: DictConfig, sde_options: list[str], overrides: list[str]) -> None:
     """Check the ``study`` node before any work.
 
+    Args:
+        study: the ``study`` config node.
+        sde_options: the conf/sde options (the allowed study.sdes).
+        overrides: the command-line overrides.
+
     Raises:
         ValueError: an unknown SDE (not a conf/sde option) or sampler (not in sde.samplers.SAMPLERS), options for
             an unknown sampler, a budget or sample count that is not a positive int, an empty or repeated list,
@@ -93,6 +98,16 @@ def steps_for_nfe(sampler: str, sde, shape: tuple[int, ...], options: dict, budg
 
     The NFE of a fixed-step sampler is affine in its steps (calls per step, plus warm-up or final-denoise
     calls): it is measured at three step counts, solved for the budget and checked at the answer.
+
+    Args:
+        sampler: a name in sde.samplers.SAMPLERS.
+        sde: the SDE it samples.
+        shape: a sample batch's shape (only its trailing dimensions are used: the probes draw one sample).
+        options: the sampler's other options (``steps`` is set here).
+        budget: the NFE budget (score calls per sample).
+
+    Returns:
+        The number of steps.
 
     Raises:
         ValueError: the sampler cannot meet the budget (names the key study.nfe and the smallest NFE), or its
