@@ -16,37 +16,10 @@ import hydra
 import torch
 from _common import load_data
 from _common.distributed import draw_sharded, run_task
-from _common.models import score_source
+from _common.models import score_source, sde_name
+from _common.quality import quality
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-
-
-def quality(x: torch.Tensor, ref: torch.Tensor, digits: bool, generator: torch.Generator) -> dict:
-    """Distances between generated samples x and reference data ref (both in [-1, 1])."""
-    from sde.metrics import (
-        FeatureStats,
-        energy_distance,
-        frechet_distance,
-        inception_score,
-        kernel_inception_distance,
-        mmd,
-        sliced_wasserstein,
-    )
-
-    a, b = x.flatten(1).double(), ref.flatten(1).double()
-    out = {"mmd": mmd(a, b), "energy_distance": energy_distance(a, b),
-           "sliced_w2": sliced_wasserstein(a, b, generator=generator)}
-    if digits:
-        from sde.features.digits_classifier import get_digits_classifier
-
-        clf = get_digits_classifier(device=x.device, dtype=torch.float32)
-        fx, px = clf.features_and_probs(x.float())
-        fr = clf(ref.float())
-        out["fd_digits"] = frechet_distance(FeatureStats.from_features(fx), FeatureStats.from_features(fr))
-        out["kid"], _ = kernel_inception_distance(fx, fr, num_subsets=50, subset_size=min(len(fx), len(fr), 100),
-                                                  generator=generator)
-        out["inception_score"], _ = inception_score(px, splits=1)
-    return out
 
 
 def balanced_halves(labels: torch.Tensor | None, num_points: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +70,7 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     if x is None:  # a torchrun rank other than 0: rank 0 scores the gathered samples
         return {}
     digits = source.data.name == "digits"
-    sampler = HydraConfig.get().runtime.choices.get("sampler")
-    metrics = {"task": "evaluate", "sde": type(source.sde).__name__, "sampler": sampler, "nfe": nfe,
+    metrics = {"task": "evaluate", "sde": sde_name(source.sde), "sampler": cfg.sampler.name, "nfe": nfe,
                "num_samples": n}
     reference = test[ref_idx.to(test.device)]
     metrics.update(quality(x, reference, digits, generator))

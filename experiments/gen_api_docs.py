@@ -16,9 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = [  # documented in this order; modules that do not import (yet) are listed as missing
-    "sde.sdes", "sde.flow", "sde.oracle", "sde.samplers", "sde.samplers.learned_grid", "sde.likelihood", "sde.nets", "sde.models", "sde.losses",
-    "sde.data", "sde.training", "sde.checkpoint", "sde.distributed_eval", "sde.metrics", "sde.features", "sde.guidance",
-    "sde.inverse", "sde.smc", "sde.editing", "sde.pretrained",
+    "sde.sdes", "sde.flow", "sde.oracle", "sde.samplers", "sde.samplers.learned_grid", "sde.likelihood", "sde.nets",
+    "sde.models", "sde.losses", "sde.data", "sde.training", "sde.checkpoint", "sde.distributed_eval", "sde.metrics",
+    "sde.features", "sde.guidance", "sde.inverse", "sde.smc", "sde.editing", "sde.pretrained",
 ]
 
 

@@ -18,7 +18,7 @@ import hydra
 import torch
 from _common import bpd_generator, load_data
 from _common.distributed import chunk_nfe_list, chunk_nfe_rows, launched, likelihood_sharded, run_task
-from _common.models import num_dims, score_source
+from _common.models import num_dims, score_source, sde_name
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -92,7 +92,7 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     opts = {**OmegaConf.to_container(cfg.likelihood, resolve=True), "progress": progress_enabled(cfg.progress)}
     report("likelihood: %d %s points, divergence=%s, method=%s", x.shape[0], cfg.split, opts["divergence"],
            opts["method"])
-    metrics = {"task": "likelihood", "score": source.kind, "sde": type(source.sde).__name__, "points": x.shape[0],
+    metrics = {"task": "likelihood", "score": source.kind, "sde": sde_name(source.sde), "points": x.shape[0],
                "dims": num_dims(data.shape), "divergence": opts["divergence"]}
     t0 = time.perf_counter()
     exact = None

@@ -16,7 +16,7 @@ import time
 import hydra
 import torch
 from _common.distributed import draw_sharded, run_task
-from _common.models import score_source
+from _common.models import score_source, sde_name
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -64,9 +64,8 @@ def run(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     report("sample: done in %.1f s, nfe %d (strip %d)", time.perf_counter() - t0, nfe, strip_nfe)
     if x is None:  # a torchrun rank other than 0: rank 0 holds the gathered samples and writes
         return {}
-    choices = HydraConfig.get().runtime.choices
-    metrics = {"task": "sample", "score": source.kind, "sde": type(sde).__name__,
-               "sampler": choices.get("sampler"), "nfe": nfe, "strip_nfe": strip_nfe, "num_samples": cfg.num_samples}
+    metrics = {"task": "sample", "score": source.kind, "sde": sde_name(sde),
+               "sampler": cfg.sampler.name, "nfe": nfe, "strip_nfe": strip_nfe, "num_samples": cfg.num_samples}
     atomic_torch_save(x.cpu(), out / "samples.pt")
     if image:
         tracker.image("samples", plots.save_grid(x[:64], out / "samples.png"), caption=f"{cfg.sampler.name}, NFE {nfe}")

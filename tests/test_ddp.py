@@ -176,7 +176,8 @@ def test_submitit_local_sweep_runs_each_point_as_a_two_rank_job(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     sweep = tmp_path / "sweep"
     rows = [json.loads((sweep / "rows" / f"{i}.json").read_text()) for i in range(2)]
-    assert [r["sampler"] for r in rows] == ["em", "ddim"] and all(r["nfe"] == 2 * 11 for r in rows)  # 2 chunks
+    assert [r["sampler"] for r in rows] == ["euler_maruyama", "ddim"]
+    assert all(r["nfe"] == 2 * 11 for r in rows)  # 2 chunks
     for i in range(2):
         assert torch.load(sweep / str(i) / "samples.pt").shape == (64, 2)  # rank 0 gathered both chunks
     jobs = [p for p in (sweep / ".submitit").iterdir() if p.is_dir() and any(p.iterdir())]

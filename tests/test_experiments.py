@@ -116,7 +116,7 @@ def test_sample_from_checkpoint(trained, tmp_path):
             "num_samples=6", "strip_frames=3", f"hydra.run.dir={out}"]
     proc = run_app("sample.py", args, tmp_path)
     m = metrics_of(out)
-    assert m["sampler"] == "ddim" and m["num_samples"] == 6 and m["sde"] == "VPSDE" and m["nfe"] >= 5
+    assert m["sampler"] == "ddim" and m["num_samples"] == 6 and m["sde"] == "vp" and m["nfe"] >= 5
     x = torch.load(out / "samples.pt", weights_only=True)
     assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all()
     assert (out / "samples.png").stat().st_size > 100 and (out / "strip.png").is_file()
@@ -284,13 +284,13 @@ def test_wandb_offline_multirun_gives_one_run_per_job(tmp_path):
         assert group.endswith("sde=vp,ve sampler=ddim,dpm") and "hydra.sweep.dir" not in group
         (run_name,) = [r.run.display_name for r in _wandb_records(next(runs[0].glob("*.wandb")))
                        if r.WhichOneof("record_type") == "run"]
-        assert run_name == f"sde={ {'VPSDE': 'vp', 'VESDE': 've'}[m['sde']] } sampler={m['sampler']}"
-        assert config["sde"]["_target_"] == f"sde.sdes.{m['sde']}"  # the resolved config of this job
-        assert config["sampler"]["name"] == {"ddim": "ddim", "dpm": "dpm_solver"}[m["sampler"]]
+        assert run_name == f"sde={m['sde']} sampler={ {'ddim': 'ddim', 'dpm_solver': 'dpm'}[m['sampler']] }"
+        assert config["sde"]["_target_"] == {"vp": "sde.sdes.VPSDE", "ve": "sde.sdes.VESDE"}[m["sde"]]  # this job's
+        assert config["sampler"]["name"] == m["sampler"]  # one spelling: the sde.samplers.SAMPLERS key
         assert config["task"] == "sample" and config["score"]["kind"] == "oracle" and config["num_samples"] == 300
         assert summary["nfe"] == m["nfe"] and summary["weights_l1"] == pytest.approx(m["weights_l1"])
         seen.add((m["sde"], m["sampler"]))
-    assert seen == set(itertools.product(["VPSDE", "VESDE"], ["ddim", "dpm"]))
+    assert seen == set(itertools.product(["vp", "ve"], ["ddim", "dpm_solver"]))
 
 
 # Fault injection for the resume test (test-side only): train.py runs under a writer whose second write of

@@ -18,14 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sde.checkpoint import Flatten, build_score_model, diff_dicts, load_score_model
+from sde.checkpoint import SDES, Flatten, build_score_model, diff_dicts, load_score_model
 from sde.checkpoint import build_sde as _build_sde
 
 from . import to_plain
 
 __all__ = [
     "Flatten", "build_sde", "build_model", "config_diff", "overridden_groups", "ScoreSource", "SCORE_KINDS",
-    "score_source", "CHECKPOINT_KEYS", "num_dims",
+    "score_source", "CHECKPOINT_KEYS", "num_dims", "sde_name",
 ]  # fmt: skip
 
 CHECKPOINT_KEYS = ("sde", "model", "data")  # the config groups a checkpoint fixes
@@ -151,3 +151,9 @@ def score_source(cfg: DictConfig, overrides: list[str], device: torch.device, dt
 
 def num_dims(shape) -> int:
     return math.prod(int(s) for s in shape)
+
+
+def sde_name(sde) -> str:
+    """The one spelling of an SDE in every results table: its sde.checkpoint.SDES key (= its conf/sde option:
+    ``vp``, ``subvp``, ``ve``, ``flow``); the class name for SDEs outside the registry (DiscreteVPSDE)."""
+    return next((name for name, cls in SDES.items() if type(sde) is cls), type(sde).__name__)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from . import format_value, write_json, write_text
 
-__all__ = ["write_row", "aggregate", "read_rows", "ResultsTableCallback"]
+__all__ = ["write_row", "aggregate", "write_tables", "read_rows", "ResultsTableCallback"]
 
 
 def write_row(folder: Path, job: str, row: dict[str, Any]) -> None:
@@ -38,7 +38,11 @@ def read_rows(folder: Path) -> list[dict[str, Any]]:
 
 def aggregate(folder: Path) -> list[dict[str, Any]]:
     """Rebuild results.csv and results.md in ``folder`` from its row files; return the rows."""
-    rows = read_rows(folder)
+    return write_tables(folder, read_rows(folder))
+
+
+def write_tables(folder: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write ``rows`` as results.csv and results.md in ``folder`` (columns in order of first appearance)."""
     if not rows:
         return rows
     columns: list[str] = []

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sde.checkpoint import diff_dicts
 
-__all__ = ["RUN_CONFIG", "train_run_dir", "start"]
+__all__ = ["RUN_CONFIG", "train_run_dir", "config_diffs", "start"]
 
 RUN_CONFIG = "train_config.json"  # the resolved config a training run started with
 FINISHED = "metrics.json"  # written by the app at the very end of a run
@@ -62,6 +62,12 @@ def _comparable(config: dict) -> dict:
     return out
 
 
+def config_diffs(saved: dict, current: dict) -> list[str]:
+    """The keys (as 'key: run=a requested=b' lines) in which a run's saved config and a requested one differ,
+    leaving out the keys a resume may change (``_MAY_DIFFER``)."""
+    return diff_dicts(_comparable(saved), _comparable(current), labels=("run", "requested"))
+
+
 def start(cfg: DictConfig, out: Path) -> bool:
     """Record or check the run's config; returns whether the Trainer should resume from ``out``'s checkpoints.
 
@@ -86,8 +92,7 @@ def start(cfg: DictConfig, out: Path) -> bool:
                                                  if str(resume) == "last" else ""))
     if (out / FINISHED).exists():
         raise ValueError(f"train.resume={resume!r}: the run {str(out)!r} has already finished ({FINISHED} exists)")
-    saved = json.loads(saved_file.read_text())
-    diffs = diff_dicts(_comparable(saved), _comparable(current), labels=("run", "requested"))
+    diffs = config_diffs(json.loads(saved_file.read_text()), current)
     if diffs:
         raise ValueError(f"train.resume={resume!r}: {str(out)!r} was started with a different config; differing "
                          "keys:\n  " + "\n  ".join(diffs) + "\nResume with the same settings or start a new run.")
