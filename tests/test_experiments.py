@@ -65,7 +65,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_train_writes_checkpoint_metrics_and_pictures(trained):
     m = metrics_of(trained)
-    assert m["task"] == "train" and m["sde"] == "vp" and m["model"] == "mlp" and m["dims"] == 64
+    assert m["task"] == "train" and m["sde"] == "flow" and m["model"] == "mlp" and m["dims"] == 64
     assert m["levels"] == 17 and m["bpd_points"] == 4
     assert math.isfinite(m["test_bpd"]) and 0 < m["test_bpd"] < 30
     assert math.isfinite(m["val_loss"]) and m["sample_nfe"] >= 10
@@ -117,7 +117,7 @@ def test_sample_from_checkpoint(trained, tmp_path):
             "num_samples=6", "strip_frames=3", f"hydra.run.dir={out}"]
     proc = run_app("sample.py", args, tmp_path)
     m = metrics_of(out)
-    assert m["sampler"] == "ddim" and m["num_samples"] == 6 and m["sde"] == "VPSDE" and m["nfe"] >= 5
+    assert m["sampler"] == "ddim" and m["num_samples"] == 6 and m["sde"] == "FlowSDE" and m["nfe"] >= 5
     x = torch.load(out / "samples.pt", weights_only=True)
     assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all()
     assert (out / "samples.png").stat().st_size > 100 and (out / "strip.png").is_file()
