@@ -13,12 +13,14 @@ different loads of a shared machine get the same compute; evaluation is not char
 the EMA model is scored on the whole test split: bits/dim by the probability-flow ODE
 (sde.likelihood.dataset_bits_per_dim, dopri5, rtol = atol = ``--rtol``, Hutchinson, one
 dequantization), and FD-digits (sde.metrics.frechet_distance on sde.features.digits_classifier
-features) of as many samples as test images, drawn with DPM-Solver++(2M), 19 steps + the final
-denoising call = 20 NFE, against the train split.
+features) of as many samples as test images against the train split, for each solver in ``SOLVERS``
+(DPM-Solver++ 2M / 3M, UniPC p = 2 / 3), 19 steps + the final denoising call = 20 NFE, from the same prior
+draws; the table shows the best. ``--time-sampling low_discrepancy`` trains with VDM's low-discrepancy times.
 
 Usage:
     python experiments/bench_train_digits.py                          # every run, 5 CPU-minutes each
     python experiments/bench_train_digits.py --runs sigma2 flow_sde --seconds 90 --json out.jsonl
+    python experiments/bench_train_digits.py --runs eps --time-sampling low_discrepancy --tag _ld --save ckpts
 
 References: a full-covariance Gaussian gets 2.95 bpd on this split, uniform 4.09 (log2 17); FD-digits
 of the test split against the train split is 14.6 (docs/benchmarks.md).
@@ -36,7 +38,7 @@ import torch
 from sde.data import load_dataset
 from sde.features.digits_classifier import get_digits_classifier
 from sde.likelihood import dataset_bits_per_dim
-from sde.losses import WEIGHTINGS, dequantized, dsm_loss
+from sde.losses import TIME_UNIFORMS, WEIGHTINGS, dequantized, dsm_loss
 from sde.metrics import FeatureStats, frechet_distance
 from sde.models import ScoreModel
 from sde.nets import UNet
@@ -49,7 +51,13 @@ RUNS: dict[str, tuple[type[SDE], str, str]] = {
     **{name: (VPSDE, "eps", name) for name in WEIGHTINGS},
     "flow_sde": (FlowSDE, "velocity", "flow"),
 }
-SAMPLER = dict(sampler="dpm_solver", steps=19, order=2, method="multistep", prediction="data")  # 20 NFE
+# FD-digits solvers, each 19 steps + the final denoising call = 20 NFE; the table reports the best per run
+SOLVERS: dict[str, dict] = {
+    "dpm2m": dict(sampler="dpm_solver", steps=19, order=2, method="multistep", prediction="data"),
+    "dpm3m": dict(sampler="dpm_solver", steps=19, order=3, method="multistep", prediction="data", warmup="lower_order"),
+    "unipc2": dict(sampler="unipc", steps=19, order=2, variant="bh2"),
+    "unipc3": dict(sampler="unipc", steps=19, order=3, variant="bh1"),
+}
 
 
 class CpuBudget:
@@ -66,14 +74,20 @@ class CpuBudget:
         return self.used() >= self.seconds
 
 
-def fd_digits(score_fn, sde, n: int, reference: torch.Tensor, seed: int) -> tuple[float, int]:
-    """FD-digits of n samples (20 NFE) against ``reference`` images, and the NFE spent per sample."""
-    g = torch.Generator().manual_seed(seed)
-    res = sample(score_fn, sde, (n, *reference.shape[1:]), generator=g, batch_size=512, **SAMPLER)
+def fd_digits(score_fn, sde, n: int, reference: torch.Tensor, seed: int) -> dict[str, tuple[float, int]]:
+    """FD-digits of n samples against ``reference`` images and the NFE per sample, for each of ``SOLVERS``
+    (the same prior draws for every solver)."""
     clf = get_digits_classifier(dtype=torch.float32)  # trained and cached on first use
     with torch.no_grad():
-        fx, fr = clf(res.x.float().clamp(-1, 1)), clf(reference.float())
-    return frechet_distance(FeatureStats.from_features(fx), FeatureStats.from_features(fr)), res.nfe
+        ref = FeatureStats.from_features(clf(reference.float()))
+    out = {}
+    for name, options in SOLVERS.items():
+        g = torch.Generator().manual_seed(seed)
+        res = sample(score_fn, sde, (n, *reference.shape[1:]), generator=g, batch_size=512, **options)
+        with torch.no_grad():
+            fx = FeatureStats.from_features(clf(res.x.float().clamp(-1, 1)))
+        out[name] = (frechet_distance(fx, ref), res.nfe)
+    return out
 
 
 def run_one(name: str, args, train, test) -> dict:
@@ -82,7 +96,8 @@ def run_one(name: str, args, train, test) -> dict:
     torch.manual_seed(args.seed)
     sde = sde_cls()
     model = ScoreModel(UNet(), sde, parametrization=parametrization)
-    loss = dequantized(partial(dsm_loss, weighting=weighting), levels=train.levels)
+    loss = dequantized(partial(dsm_loss, weighting=weighting, eps=args.train_eps, time_sampling=args.time_sampling),
+                       levels=train.levels)
     budget = CpuBudget(args.seconds)
     config = TrainConfig(total_steps=10**9, batch_size=args.batch, lr=args.lr, warmup_steps=50, grad_clip=1.0,
                          ema_decay=args.ema, seed=args.seed, log_every=100, eval_every=0, progress=False)
@@ -94,12 +109,19 @@ def run_one(name: str, args, train, test) -> dict:
     ema = trainer.ema.model
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)  # same dequantization and probes for every run
-    fd, nfe = fd_digits(ema, sde, test.data.shape[0], train.data, args.seed)
+    if args.save:
+        torch.save(ema.state_dict(), f"{args.save}/{name}{args.tag}.pt")
+    fds = fd_digits(ema, sde, test.data.shape[0], train.data, args.seed)
+    solver = min(fds, key=lambda k: fds[k][0])
+    print(name + args.tag, "FD-digits", {k: round(v[0], 2) for k, v in fds.items()}, flush=True)
     bpd, err = dataset_bits_per_dim(ema, sde, test.to_levels(), **test.bpd_options(), generator=g,
                                     rtol=args.rtol, atol=args.rtol, batch_size=args.eval_batch)
-    row = {"run": name, "sde": type(sde).__name__, "parametrization": parametrization, "weighting": weighting,
+    row = {"run": name + args.tag, "sde": type(sde).__name__, "parametrization": parametrization,
+           "weighting": weighting,
+           "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr, "ema": args.ema,
            "steps": steps, "train_cpu_s": round(cpu_s, 1), "train_wall_s": round(wall_s, 1), "bpd": bpd,
-           "bpd_stderr": err, "fd_digits": fd, "nfe": nfe, "n_test": test.data.shape[0],
+           "bpd_stderr": err, "fd_digits": fds[solver][0], "solver": solver, "nfe": fds[solver][1],
+           "fd_by_solver": {k: round(v[0], 2) for k, v in fds.items()}, "n_test": test.data.shape[0],
            "eval_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(row), flush=True)
     return row
@@ -116,6 +138,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-sampling", default="iid", choices=list(TIME_UNIFORMS),
+                   help="how the training times' uniforms are drawn (sde.losses.TIME_UNIFORMS)")
+    p.add_argument("--train-eps", type=float, default=1e-5, help="smallest training time of dsm_loss")
+    p.add_argument("--tag", default="", help="suffix of the run name in the table (variants of one run)")
+    p.add_argument("--save", default=None, help="folder: write the EMA weights to <save>/<run>.pt")
     p.add_argument("--json", default=None, help="append one JSON line per run to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,11 +156,11 @@ def main() -> None:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
-    print("\n| run | SDE | parametrization | weighting | steps | test bpd | FD-digits (20 NFE) |")
+    print("\n| run | SDE | parametrization | weighting | steps | test bpd | FD-digits (20 NFE, best solver) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['sde']} | {r['parametrization']} | {r['weighting']} | {r['steps']} | "
-              f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | {r['fd_digits']:.1f} |")
+              f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | {r['fd_digits']:.1f} ({r['solver']}) |")
 
 
 if __name__ == "__main__":

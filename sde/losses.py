@@ -66,7 +66,7 @@ from .sdes import SDE
 
 __all__ = [
     "dsm_loss", "sample_time", "get_weighting", "dequantize", "dequantized", "REDUCTIONS", "WEIGHTINGS",
-    "TIME_DENSITIES", "Weighting", "TimeDensity",
+    "TIME_DENSITIES", "TIME_UNIFORMS", "Weighting", "TimeDensity",
 ]
 
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -163,6 +163,24 @@ TIME_DENSITIES: dict[str, type[TimeDensity]] = {
 }
 
 
+def _iid_uniforms(batch: int, generator: torch.Generator | None, device) -> Tensor:
+    return torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
+
+
+def _low_discrepancy_uniforms(batch: int, generator: torch.Generator | None, device) -> Tensor:
+    """u_i = (u_0 + i / B) mod 1 with one u_0 ~ U(0, 1) (Kingma et al. 2021, VDM, sec. 5.2): each u_i is
+    still U(0, 1), so the loss stays unbiased, but the batch covers [0, 1) evenly, which lowers its variance."""
+    u0 = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+    return torch.remainder(u0 + torch.arange(batch, device=device, dtype=torch.float64) / batch, 1.0)
+
+
+# how a batch's uniforms are drawn before the density's inverse CDF maps them to times (dsm_loss's time_sampling)
+TIME_UNIFORMS: dict[str, Callable[[int, torch.Generator | None, torch.device | str | None], Tensor]] = {
+    "iid": _iid_uniforms,  # independent uniforms (Song et al. 2021)
+    "low_discrepancy": _low_discrepancy_uniforms,  # one shared random shift of an even grid (VDM)
+}
+
+
 # -- recipes: p(lambda) and the weight r(lambda) = w(lambda) / p(lambda) on the eps-error -----------------
 @dataclasses.dataclass(frozen=True)
 class Weighting(abc.ABC):
@@ -183,10 +201,11 @@ class Weighting(abc.ABC):
 
     def sample(
         self, sde: SDE, batch: int, *, eps: float, generator: torch.Generator | None = None,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, uniforms: str = "iid",
     ) -> tuple[Tensor, Tensor]:
-        """Times t (B,) with log-SNR ~ p and the weights r (B,), computed in float64 and cast to ``dtype``."""
-        u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
+        """Times t (B,) with log-SNR ~ p and the weights r (B,), computed in float64 and cast to ``dtype``;
+        ``uniforms`` names the rule in ``TIME_UNIFORMS`` that draws the uniforms the inverse CDF maps."""
+        u = TIME_UNIFORMS[uniforms](batch, generator, device)
         t = self.density.sample(sde, u, eps)
         return t.to(dtype), self.ratio(sde, t, eps).to(dtype)
 
@@ -316,6 +335,7 @@ def sample_time(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    time_sampling: str = "iid",
 ) -> tuple[Tensor, Tensor]:
     """Training times t (B,) and weights r (B,) of a recipe: E_t[r(t) e(t)] = int w(lambda) e(lambda) d lambda.
 
@@ -327,17 +347,21 @@ def sample_time(
         generator: for the uniforms that the inverse CDF maps to t.
         device: device of the results.
         dtype: dtype of the results (computed in float64).
+        time_sampling: "iid" (independent uniforms) or "low_discrepancy" (one random shift of the even
+            grid i / B, Kingma et al. 2021): how the uniforms behind t are drawn (``TIME_UNIFORMS``).
 
     Returns:
         (t, r): the times and the weights on the eps-error || sigma s + z ||^2.
 
     Raises:
-        ValueError: unknown weighting or eps outside (0, T).
+        ValueError: unknown weighting or time_sampling, or eps outside (0, T).
     """
     check_sde(sde)
     check_open_interval("eps", eps, 0.0, sde.T)
     check_int("batch", batch, 1)
-    return get_weighting(weighting).sample(sde, batch, eps=eps, generator=generator, device=device, dtype=dtype)
+    check_choice("time_sampling", time_sampling, TIME_UNIFORMS)
+    return get_weighting(weighting).sample(sde, batch, eps=eps, generator=generator, device=device, dtype=dtype,
+                                           uniforms=time_sampling)
 
 
 def dsm_loss(
@@ -350,6 +374,7 @@ def dsm_loss(
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
     y: Tensor | None = None,
+    time_sampling: str = "iid",
 ) -> Tensor:
     """Denoising score matching loss of ``model`` on the batch ``x0`` under a training recipe.
 
@@ -367,12 +392,14 @@ def dsm_loss(
         eps: smallest training time (t in [eps, T]).
         generator: for t and the noise.
         y: class labels (B,) passed to the model.
+        time_sampling: "iid" or "low_discrepancy" (``TIME_UNIFORMS``): independent times, or one random
+            shift of an even grid over the batch (VDM, Kingma et al. 2021; unbiased, lower variance).
 
     Returns:
         The scalar loss.
 
     Raises:
-        ValueError: unknown weighting / reduce, eps outside (0, T), NaN/inf in a CPU x0 (device tensors
+        ValueError: unknown weighting / reduce / time_sampling, eps outside (0, T), NaN/inf in a CPU x0 (device tensors
             are not inspected: that would sync every step; the Trainer checks its data once), or a model
             output not shaped like x.
         TypeError: model not callable, sde not an SDE, x0 not a floating tensor, or weighting is not a
@@ -383,8 +410,10 @@ def dsm_loss(
     check_all_finite("x0", check_tensor("x0", x0, 2), sync=False)  # on CPU only: no per-step device sync
     check_choice("reduce", reduce, REDUCTIONS)
     check_open_interval("eps", eps, 0.0, sde.T)
+    check_choice("time_sampling", time_sampling, TIME_UNIFORMS)
     recipe = get_weighting(weighting)
-    t, w = recipe.sample(sde, x0.shape[0], eps=eps, generator=generator, device=x0.device, dtype=x0.dtype)
+    t, w = recipe.sample(sde, x0.shape[0], eps=eps, generator=generator, device=x0.device, dtype=x0.dtype,
+                         uniforms=time_sampling)
     x_t, z = sde.perturb(x0, t, generator=generator)
     score = check_output_shape("model", model(x_t, t) if y is None else model(x_t, t, y), x_t)
     err = REDUCTIONS[reduce]((bcast(sde.sigma(t), x0) * score + z).flatten(1) ** 2)  # || eps_hat - z ||^2

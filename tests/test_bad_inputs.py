@@ -741,7 +741,7 @@ def _app_call(overrides: list[str], step: str, name: str = "train"):
 APP_CASES = [
     (
         "sde.beta_min",
-        lambda: _app_call(["sde.beta_min=-1"], "sde"),
+        lambda: _app_call(["sde=vp", "sde.beta_min=-1"], "sde"),
         ValueError,
         r"beta_min must be a finite number > 0, got -1",
     ),
@@ -751,7 +751,12 @@ APP_CASES = [
         ValueError,
         r"sigma_min must be < sigma_max",
     ),
-    ("sde.schedule", lambda: _app_call(["sde.schedule=quadratic"], "sde"), ValueError, r"schedule='quadratic'"),
+    (
+        "sde.schedule",
+        lambda: _app_call(["sde=vp", "sde.schedule=quadratic"], "sde"),
+        ValueError,
+        r"schedule='quadratic'",
+    ),
     (
         "data.loader.n",
         lambda: _app_call(["data=moons", "+data.loader.n=-3"], "data"),

@@ -51,7 +51,7 @@ def test_issue_minimum_groups_exist():
 def test_primary_configs_compose_with_defaults(primary):
     cfg = _compose(primary, [] if primary == "train" else ["score.path=ckpt.pt"])
     assert cfg.task == primary
-    assert cfg.hydra.runtime.choices["sde"] == "vp"
+    assert cfg.hydra.runtime.choices["sde"] == ("flow" if primary == "train" else "vp")  # train: rectified flow
     assert cfg.hydra.runtime.choices["logger"] == "wandb" and cfg.logger.mode == "offline"
     assert "results_table" in cfg.hydra.callbacks
     # Every interpolation of the job config resolves (what train.py writes into checkpoints and W&B).
@@ -59,13 +59,16 @@ def test_primary_configs_compose_with_defaults(primary):
     plain = OmegaConf.to_container(job_cfg, resolve=True)
     assert plain["name"] == "digits"
     from sde.nets import MLP, UNet
-    from sde.sdes import VPSDE
+    from sde.sdes import VPSDE, FlowSDE
 
     sde = build_sde(job_cfg)
-    assert type(sde) is VPSDE and (sde.beta_min, sde.beta_max) == (0.1, 20.0)
+    if primary == "train":  # the main job trains rectified flow (docs/recipes.md, "Which recipe to pick")
+        assert type(sde) is FlowSDE and sde.T == 0.99 and job_cfg.loss.weighting == "flow"
+    else:
+        assert type(sde) is VPSDE and (sde.beta_min, sde.beta_max) == (0.1, 20.0)
     model = build_model(job_cfg, sde)
     if primary == "train":  # the main job's default: a U-Net (32 base channels, x1 and x2) on the 1x8x8 digits
-        assert type(model.net) is UNet and model.parametrization == "eps" and model.sde is sde
+        assert type(model.net) is UNet and model.parametrization == "velocity" and model.sde is sde
         assert plain["model"]["net"]["in_channels"] == 1 and plain["model"]["net"]["image_size"] == 8
         convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs[0].in_channels == 1 and convs[0].out_channels == 32

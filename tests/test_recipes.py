@@ -14,7 +14,7 @@ import torch
 
 from sde import VESDE, VPSDE, GaussianMixture, SubVPSDE
 from sde.likelihood import log_likelihood
-from sde.losses import WEIGHTINGS, dsm_loss, get_weighting, sample_time
+from sde.losses import TIME_UNIFORMS, WEIGHTINGS, dsm_loss, get_weighting, sample_time
 from sde.sdes import FlowSDE
 
 F64 = torch.float64
@@ -157,6 +157,41 @@ def test_get_weighting_parameters():
     torch.testing.assert_close(r, torch.clamp(torch.exp(-sde.log_snr(t)), max=1.0))
     with pytest.raises(ValueError, match="eps"):
         sample_time(sde, 4, eps=1.5)
+
+
+# -- low-discrepancy times (Kingma et al. 2021, VDM): unbiased, one time per 1/B stratum, lower variance ---------
+def test_low_discrepancy_times_fill_every_stratum():
+    g = torch.Generator().manual_seed(3)
+    u = TIME_UNIFORMS["low_discrepancy"](64, g, None)
+    assert u.dtype == F64 and ((u >= 0) & (u < 1)).all()
+    strata = torch.sort(torch.floor(u * 64)).values
+    torch.testing.assert_close(strata, torch.arange(64, dtype=F64))  # exactly one u in each [i/B, (i+1)/B)
+    shifts = torch.stack([TIME_UNIFORMS["low_discrepancy"](8, g, None)[0] for _ in range(4000)])
+    assert abs(shifts.mean().item() - 0.5) < 0.02 and abs(shifts.var().item() - 1 / 12) < 0.01  # u_0 ~ U(0, 1)
+    with pytest.raises(ValueError, match="time_sampling.*sobol"):
+        dsm_loss(lambda x, t: x, VPSDE(), torch.zeros(4, 2), time_sampling="sobol")
+    with pytest.raises(ValueError, match="time_sampling"):
+        sample_time(VPSDE(), 4, time_sampling="grid")
+
+
+@pytest.mark.parametrize("name,sde_name,max_ratio", [("likelihood", "vp", 1.0), ("sigma2", "ve", 1.05),
+                                                     ("flow", "flow", 0.85), ("edm", "vp", 0.85)])
+def test_low_discrepancy_loss_is_unbiased_with_lower_variance(name, sde_name, max_ratio):
+    """The same expected loss as iid times (the stated integral), and a smaller spread of batch losses where the
+    time dominates it (measured ratios of the spreads: likelihood 0.87, sigma2 on VE 0.95, flow 0.69, edm 0.53; the
+    rest is the noise z and x0, which stratifying t cannot remove)."""
+    sde, gm = SDES[sde_name], _gaussian()
+    exact = gm.score_fn(sde)
+
+    def spread(time_sampling):
+        g = torch.Generator().manual_seed(17)
+        vals = torch.stack([dsm_loss(lambda x, t: 0.8 * exact(x, t), sde, gm.sample(256, g), weighting=name,
+                                     eps=EPS, generator=g, time_sampling=time_sampling) for _ in range(400)])
+        return vals.mean().item(), vals.std().item()
+
+    (m_ld, s_ld), (_, s_iid) = spread("low_discrepancy"), spread("iid")
+    assert abs(m_ld - _quadrature(name, sde, 0.8)) < 4 * s_ld / math.sqrt(400), (m_ld, s_ld)
+    assert s_ld < max_ratio * s_iid, (s_ld, s_iid)
 
 
 # -- the likelihood weighting bounds -log p (Song, Durkan, Murray & Ermon 2021, Thm. 2) ------------------------
