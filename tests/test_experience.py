@@ -294,7 +294,7 @@ def test_wandb_names_lineage_failures_and_no_files_in_home(tmp_path):
     run = tmp_path / "train"
     tiny = [a for a in TINY_TRAIN if not a.startswith("train.keep_every")]  # the default: no step_*.pt
     cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "threads=1", "logger=wandb", *tiny,
-           f"hydra.run.dir={run}"]
+           "sde=vp", f"hydra.run.dir={run}"]  # sde=vp: the artifact name spells the SDE
     proc = subprocess.run(cmd, cwd=ROOT, env=base, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "it/s" not in proc.stderr  # not a terminal: no bars
