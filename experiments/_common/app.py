@@ -42,7 +42,6 @@ def run_task(cfg: DictConfig, task: str, body: Body, validate: Check | None = No
     1, the error in the W&B summary and in the run's log file), so that multirun jobs never share a
     W&B run.
     """
-    from .console import file_log
     from .sweeps import job_names
 
     check(cfg, task, validate)
@@ -50,17 +49,34 @@ def run_task(cfg: DictConfig, task: str, body: Body, validate: Check | None = No
     out = run_dir()
     sweep, _ = sweep_info()
     names = job_names(cfg)
-    tracker = open_tracker(cfg, task, out, names.group, names.run)
-    exit_code = 1
-    try:
-        metrics = body(cfg, tracker, out, device, dtype, generator)
-        write_json(out / "metrics.json", metrics)
-        tracker.summary(metrics)
+
+    def publish(tracker: NullTracker, metrics: dict[str, Any]) -> None:
         tracker.table("results", [metrics])
         if sweep is not None:
             params = {k: v for k, v in names.params.items() if k not in metrics}
             write_row(sweep, str(HydraConfig.get().job.num), {**params, **metrics})
         print_table(f"{task}: {cfg.name} -> {out}", metrics)
+
+    return tracked(cfg, task, out, names.group, names.run,
+                   lambda tracker: body(cfg, tracker, out, device, dtype, generator), publish)
+
+
+def tracked(cfg: DictConfig, task: str, out: Path, group: str, run: str | None,
+            compute: Callable[[NullTracker], dict[str, Any]],
+            publish: Callable[[NullTracker, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One recorded job: open its tracker, ``compute(tracker) -> metrics``, write ``out/metrics.json``
+    (atomically) and the tracker summary, ``publish(tracker, metrics)``; on an error log it to the run's log
+    file and mark the W&B run failed; always finish the tracker (exit code 0 or 1)."""
+    from .console import file_log
+
+    tracker = open_tracker(cfg, task, out, group, run)
+    exit_code = 1
+    try:
+        metrics = compute(tracker)
+        write_json(out / "metrics.json", metrics)
+        tracker.summary(metrics)
+        if publish is not None:
+            publish(tracker, metrics)
         exit_code = 0
         return metrics
     except BaseException as err:

@@ -179,35 +179,37 @@ def plan(cfg: DictConfig, compose, sde_options: list[str], overrides: list[str])
     return _Plan(configs, choices, cells)
 
 
+def _mismatch(what: str, diffs: list[str]) -> ValueError:
+    """The error for a done model or cell whose settings differ from the request, every differing key named."""
+    return ValueError(f"{what}; differing keys:\n  " + "\n  ".join(diffs)
+                      + "\nUse the same settings or another study.dir")
+
+
 def _check_done_model(folder: Path, cfg: DictConfig) -> None:
     from .resume import RUN_CONFIG, config_diffs
 
     diffs = config_diffs(json.loads((folder / RUN_CONFIG).read_text()), to_plain(cfg))
     if diffs:
-        raise ValueError(f"the study's model {str(folder)!r} was trained with a different config; differing keys:\n  "
-                         + "\n  ".join(diffs) + "\nUse the same settings or another study.dir")
+        raise _mismatch(f"the study's model {str(folder)!r} was trained with a different config", diffs)
 
 
 def _train_model(cfg: DictConfig, choices: dict, folder: Path, group: str) -> dict:
     """train.py's training and evaluation of one model in its run folder ``folder`` (resumed when unfinished)."""
     from train import train  # experiments/train.py: the app's own training function
 
+    from .app import tracked
     from .resume import RUN_CONFIG
-    from .tracking import open_tracker
 
     with open_dict(cfg):  # continue an interrupted model from its checkpoints/latest.pt (config checked)
         cfg.train.resume = str(folder) if (folder / RUN_CONFIG).is_file() else False
     device, dtype, generator = setup(cfg)
-    tracker, exit_code = open_tracker(cfg, "train", folder, group), 1
-    try:
+
+    def compute(tracker) -> dict:
         metrics = train(cfg, tracker, folder, device, dtype, generator)
         metrics.update({"task": "train", "name": cfg.name, "sde": choices["sde"], "model": choices["model"]})
-        write_json(folder / "metrics.json", metrics)  # the run is finished
-        tracker.summary(metrics)
-        exit_code = 0
         return metrics
-    finally:
-        tracker.finish(exit_code)
+
+    return tracked(cfg, "train", folder, group, None, compute)  # metrics.json marks the model finished
 
 
 def _model(cfg: DictConfig, choices: dict, folder: Path, group: str, log) -> tuple[dict, bool]:
@@ -238,8 +240,7 @@ def _done_cell(path: Path, settings: dict) -> dict | None:
     saved = json.loads(path.read_text())
     diffs = diff_dicts(saved["settings"], settings, labels=("done", "requested"))
     if diffs:
-        raise ValueError(f"the study cell {str(path)!r} was computed with other settings; differing keys:\n  "
-                         + "\n  ".join(diffs) + "\nUse the same settings or another study.dir")
+        raise _mismatch(f"the study cell {str(path)!r} was computed with other settings", diffs)
     return saved["row"]
 
 
@@ -373,21 +374,18 @@ def save_plots(rows: list[dict], out: Path) -> list[Path]:
 
 def _publish(cfg: DictConfig, rows: list[dict], out: Path, summary: dict) -> None:
     """results.csv / results.md, the plots, summary metrics.json and the study's W&B run (table + plots)."""
+    from .app import tracked
     from .results import write_tables
-    from .tracking import open_tracker
 
     write_tables(out, rows)
     paths = save_plots(rows, out)
-    write_json(out / "metrics.json", summary)
-    tracker, exit_code = open_tracker(cfg, "study", out, cfg.name), 1
-    try:
+
+    def publish(tracker, _summary: dict) -> None:
         tracker.table("study", rows)
         for path in paths:
             tracker.image(path.stem, path)
-        tracker.summary(summary)
-        exit_code = 0
-    finally:
-        tracker.finish(exit_code)
+
+    tracked(cfg, "study", out, cfg.name, None, lambda _tracker: summary, publish)
 
 
 def run_study(cfg: DictConfig, compose, sde_options: list[str], overrides: list[str], out: Path, log=print) -> dict:
