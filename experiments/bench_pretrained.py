@@ -1,12 +1,17 @@
 """Pretrained-model benchmark: our samplers on a diffusers UNet2DModel against diffusers' own loops.
 
-    python experiments/bench_pretrained.py [--repeats 3] [--skip-timing] [--skip-errors]
+    python experiments/bench_pretrained.py [--repeats 5] [--skip-timing] [--skip-errors] [--heap default]
 
-1. Wall time, batch 4, CPU, 1 thread, 20 steps: our DDIM and DPM-Solver++(2M) through from_diffusers
-   against diffusers' DDIMScheduler / DPMSolverMultistepScheduler loops with the same network (the
-   google/ddpm-cifar10-32 architecture, 35.7M parameters, random weights: the time is the network's).
-   Repeats are interleaved (theirs, ours; then ours, theirs; ...); median and min of each, and the seconds
-   spent outside the network per step (wall time minus the time inside the UNet's forward).
+1. Wall time, batch 4, CPU, 1 thread, 20 steps: our DDIM and DPM-Solver++(2M) through from_diffusers against
+   diffusers' DDIMScheduler / DPMSolverMultistepScheduler loops with the same network (the google/ddpm-
+   cifar10-32 architecture, 35.7M parameters, random weights: the time is the network's). Each loop runs once
+   untimed, then the repeats are interleaved (theirs, ours; then ours, theirs; ...); median and min of each, the
+   median of the per-repeat ratios, the process CPU seconds, the seconds spent outside the network per step
+   (wall time minus the time inside the UNet's forward) and the minor page faults per run. ``--heap pinned``
+   (the default) first tells glibc's malloc to keep freed memory (``mallopt``: no mmap for large blocks, no
+   trimming): by default it hands the UNet's ~40 MB of activations back to the kernel after every call and takes
+   them again, ~10 000 page faults per call whose number depends on the heap's history, so it differs between
+   two loops around the same network; ``--heap default`` measures with glibc's defaults.
 2. Sample error at 10, 20 and 40 steps (NFE = steps for every row): RMS distance to a 1000-step DDIM
    solution from the same x_T (the issue's reference) and to our DPM-Solver++ 3M on the same 1000 timesteps
    (an accurate one: the 2M on them is 5e-5 away, DDIM 1.8e-3), for diffusers' fast schedulers and ours on
@@ -19,6 +24,8 @@ Prints markdown tables (copied into docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import resource
 import time
 
 import torch
@@ -59,18 +66,41 @@ class _NetClock:
 
         module.forward = forward
 
-    def run(self, fn) -> tuple[float, float]:
-        """(wall seconds of fn(), seconds outside the network per network call)."""
+    def run(self, fn) -> tuple[float, float, float, int]:
+        """(wall seconds of fn(), its process CPU seconds, seconds outside the network per network call, minor
+        page faults)."""
         self.seconds, self.calls = 0.0, 0
-        t0 = time.perf_counter()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        wall = time.perf_counter() - t0
-        return wall, (wall - self.seconds) / max(self.calls, 1)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        return wall, cpu, (wall - self.seconds) / max(self.calls, 1), faults
 
 
-def timing(repeats: int) -> list[tuple[str, list[float], list[float], list[float], list[float]]]:
-    """Per solver: (name, their walls, our walls, their and our seconds outside the network per step); the two
-    runs of a repeat follow each other, in alternating order, so drifts of the machine's load hit both."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def pin_heap() -> None:
+    """Make glibc's malloc keep what it frees: large blocks from the heap, not mmap, and no trimming, so
+    the network's activation buffers are reused instead of being returned to the kernel and faulted in again.
+
+    Raises:
+        RuntimeError: the C library is not glibc or refuses a setting (run with ``--heap default``).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError) as err:
+        raise RuntimeError(f"--heap pinned needs glibc's mallopt ({err}); use --heap default") from None
+    if not ok:
+        raise RuntimeError("glibc's mallopt refused the thresholds; use --heap default")
+
+
+def timing(repeats: int) -> list[tuple]:
+    """Per solver: (name, their and our walls, their and our CPU seconds, their and our seconds outside the network
+    per step, their and our minor page faults per run); the two runs of a repeat follow each other, in alternating
+    order, so drifts of the machine's load hit both."""
     import diffusers
 
     torch.manual_seed(0)
@@ -97,28 +127,31 @@ def timing(repeats: int) -> list[tuple[str, list[float], list[float], list[float
         def ours(score=score, sde=sde, sampler=sampler, opts=opts):
             SAMPLERS[sampler](score, sde, x_T, **opts)
 
+        theirs(), ours()  # untimed: each loop's first-call allocations
         got = {theirs: [], ours: []}
         for r in range(repeats):
             for fn in ((theirs, ours) if r % 2 == 0 else (ours, theirs)):
                 got[fn].append(clock.run(fn))
-        rows.append((name, *([w for w, _ in got[f]] for f in (theirs, ours)),
-                     *([o for _, o in got[f]] for f in (theirs, ours))))
+        rows.append((name, *([run[k] for run in got[f]] for k in range(4) for f in (theirs, ours))))
     return rows
 
 
-def _print_timing(repeats: int) -> None:
+def _print_timing(repeats: int, heap: str) -> None:
     import os
     import statistics
 
     load0 = os.getloadavg()[0]
     rows = timing(repeats)
-    print(f"\n| 20 steps, batch 4, 1 thread, {repeats} interleaved repeats | diffusers loop: median (min) s | "
-          "ours: median (min) s | ours / theirs: median (min) | outside the network per step, theirs / ours (ms) |"
-          "\n|---|---|---|---|---|")
-    for name, th, ou, th_o, ou_o in rows:
-        med = statistics.median
+    med = statistics.median
+    print(f"\n| 20 steps, batch 4, 1 thread, {repeats} interleaved repeats, heap {heap} | diffusers loop: median "
+          "(min) s | ours: median (min) s | ours / theirs: median of ratios (ratio of mins) | CPU s, theirs / ours "
+          "(median) | outside the network per step, theirs / ours (ms) | page faults per run, theirs / ours "
+          "(median) |\n|---|---|---|---|---|---|---|")
+    for name, th, ou, th_c, ou_c, th_o, ou_o, th_f, ou_f in rows:
+        ratio = med([o / t for o, t in zip(ou, th)])
         print(f"| {name} | {med(th):.2f} ({min(th):.2f}) | {med(ou):.2f} ({min(ou):.2f}) | "
-              f"{med(ou) / med(th):.3f} ({min(ou) / min(th):.3f}) | {med(th_o) * 1e3:.2f} / {med(ou_o) * 1e3:.2f} |")
+              f"{ratio:.3f} ({min(ou) / min(th):.3f}) | {med(th_c):.2f} / {med(ou_c):.2f} | "
+              f"{med(th_o) * 1e3:.2f} / {med(ou_o) * 1e3:.2f} | {med(th_f):.0f} / {med(ou_f):.0f} |")
         print(f"<!-- {name} walls: theirs {[round(v, 2) for v in th]}, ours {[round(v, 2) for v in ou]} -->")
     print(f"\n1-minute load average: {load0:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)")
 
@@ -222,10 +255,14 @@ def errors() -> tuple[list[tuple[str, float, float]], list[tuple[str, dict[int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved timing repeats (median and min reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats (median and min reported)")
     parser.add_argument("--skip-timing", action="store_true", help="only the error table")
     parser.add_argument("--skip-errors", action="store_true", help="only the timing table")
+    parser.add_argument("--heap", choices=("pinned", "default"), default="pinned",
+                        help="pinned: glibc malloc keeps freed memory (no page faults per call); default: as is")
     args = parser.parse_args()
+    if args.heap == "pinned":
+        pin_heap()
     torch.set_num_threads(1)
     if not args.skip_errors:
         refs, rows = errors()
@@ -237,7 +274,7 @@ def main() -> None:
         for name, errs in rows:
             print(f"| {name} | " + " | ".join(f"{errs[n][0]:.2e} / {errs[n][1]:.2e}" for n in STEPS) + " |")
     if not args.skip_timing:
-        _print_timing(args.repeats)
+        _print_timing(args.repeats, args.heap)
 
 
 if __name__ == "__main__":
