@@ -28,12 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_int, check_open_interval, check_tensor
+from ._checks import as_time, check_choice, check_int, check_open_interval, check_tensor
 from .flow import reverse_drift, tweedie
 from .samplers import default_eps
+from .samplers.grids import time_grid
 from .sdes import SDE, ScoreFn
 
-__all__ = ["SMCResult", "smc_inverse", "smc_guidance", "systematic_resample", "effective_sample_size"]
+__all__ = ["KERNELS", "SMCResult", "smc_inverse", "smc_guidance", "systematic_resample", "effective_sample_size"]
 
 State = dict[str, Tensor]  # tensors with leading dim K * B, particle k of condition b at row k * B + b
 
@@ -85,9 +86,18 @@ def systematic_resample(log_w: Tensor, generator: torch.Generator | None = None)
     Returns:
         (K, B) ancestor indices in [0, K): column b holds, in order, the particles copied.
     """
-    K, B = log_w.shape
+    return _systematic_indices(log_w, _offsets(log_w, generator))
+
+
+def _offsets(log_w: Tensor, generator: torch.Generator | None) -> Tensor:
+    """The (B, 1) uniform offsets of systematic resampling, one per column of (K, B) log weights."""
+    return torch.rand(log_w.shape[1], 1, generator=generator, device=log_w.device, dtype=torch.float64)
+
+
+def _systematic_indices(log_w: Tensor, u: Tensor) -> Tensor:
+    """(K, B) ancestors of systematic resampling with offsets u (B, 1): searchsorted on the weights' CDF."""
+    K = log_w.shape[0]
     cdf = torch.cumsum(torch.softmax(log_w.double(), dim=0), dim=0).T.contiguous()  # (B, K)
-    u = torch.rand(B, 1, generator=generator, device=log_w.device, dtype=torch.float64)
     pos = (u + torch.arange(K, device=log_w.device, dtype=torch.float64)) / K  # (B, K), sorted
     return torch.searchsorted(cdf, pos).clamp_max(K - 1).T
 
@@ -97,11 +107,13 @@ def _resample(state: State, log_w: Tensor, threshold: float, generator) -> tuple
     K, B = log_w.shape
     ess = effective_sample_size(log_w)
     need = ess < threshold
-    anc = systematic_resample(log_w, generator)  # drawn every step: the generator's use never depends on data
+    u = _offsets(log_w, generator)  # drawn every step: the generator's use never depends on data
+    if not bool(need.any()):
+        return state, log_w, ess, need
     keep = torch.arange(K, device=log_w.device)[:, None].expand(K, B)
-    anc = torch.where(need[None], anc, keep)
-    cols = torch.arange(B, device=log_w.device)[None].expand(K, B)
-    state = {k: v.view(K, B, *v.shape[1:])[anc, cols].reshape(v.shape) for k, v in state.items()}
+    anc = torch.where(need[None], _systematic_indices(log_w, u), keep)
+    rows = (anc * B + torch.arange(B, device=log_w.device)).reshape(-1)  # row k * B + b of the state
+    state = {k: v.index_select(0, rows) for k, v in state.items()}
     log_w = torch.where(need[None], torch.zeros_like(log_w), log_w)
     return state, log_w, ess, need
 
@@ -115,11 +127,11 @@ def _check_smc(particles: int, ess_threshold: float) -> None:
                          f"got {ess_threshold!r}")
 
 
-def _grid(sde: SDE, steps: int, eps: float | None) -> list[float]:
+def _grid(sde: SDE, steps: int, eps: float | None, grid: str = "uniform", rho: float = 7.0) -> list[float]:
     check_int("steps", steps, 1)
     eps = default_eps(sde) if eps is None else eps
     check_open_interval("eps", eps, 0.0, sde.T)
-    return torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64).tolist()
+    return time_grid(sde, steps, eps, grid, rho=rho)
 
 
 # -- the generic particle loop ----------------------------------------------------------------------
@@ -172,10 +184,36 @@ def _em_var(sde: SDE, t: float, s: float, like: Tensor) -> float:
     return float(sde.diffusion(as_time(t, like, sde.T, batch=1))[0]) ** 2 * (t - s)
 
 
+def _em_mean(sde: SDE, score: Tensor, x: Tensor, t: float, s: float) -> Tensor:
+    """Mean of the reverse Euler-Maruyama step t -> s < t with a precomputed score."""
+    return x - reverse_drift(sde, lambda *_: score, x, _times(t, x)) * (t - s)
+
+
 def _em_kernel(sde: SDE, score: Tensor, x: Tensor, t: float, s: float) -> tuple[Tensor, float]:
     """Mean and variance of the reverse Euler-Maruyama step t -> s < t with a precomputed score."""
-    mean = x - reverse_drift(sde, lambda *_: score, x, _times(t, x)) * (t - s)
-    return mean, _em_var(sde, t, s, x)
+    return _em_mean(sde, score, x, t, s), _em_var(sde, t, s, x)
+
+
+def _ancestral_var(sde: SDE, t: float, s: float, like: Tensor) -> float:
+    """Variance sigma_s^2 (1 - exp(lambda_t - lambda_s)) of q(x_s | x_t, x_0) (lambda = log-SNR)."""
+    tt = torch.tensor([t, s], dtype=torch.float64, device=like.device)
+    lam = sde.log_snr(tt).tolist()
+    return _a_s(sde, s, like)[1] ** 2 * -math.expm1(lam[0] - lam[1])
+
+
+def _ancestral_mean(sde: SDE, score: Tensor, x: Tensor, t: float, s: float) -> Tensor:
+    """Mean of q(x_s | x_t, x_0 = x0_hat): alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat, c^2 its variance,
+    x0_hat Tweedie's estimate, eps_hat = -sigma_t score (DDPM's posterior; DDIM with eta = 1)."""
+    (a_t, s_t), (a_s, s_s) = _a_s(sde, t, x), _a_s(sde, s, x)
+    x0 = tweedie(sde, x, _times(t, x), score, alpha=a_t, sigma=s_t)
+    return a_s * x0 - math.sqrt(max(s_s**2 - _ancestral_var(sde, t, s, x), 0.0)) * s_t * score
+
+
+# name -> (mean of the step t -> s given the score at x_t, its variance): the model's reverse kernel N(mean, var I)
+KERNELS: dict[str, tuple[Callable[..., Tensor], Callable[..., float]]] = {
+    "euler_maruyama": (_em_mean, _em_var),
+    "ancestral": (_ancestral_mean, _ancestral_var),
+}
 
 
 def _a_s(sde: SDE, t: float, like: Tensor) -> tuple[float, float]:
@@ -217,12 +255,14 @@ def smc_inverse(
     steps: int = 500,
     eps: float | None = None,
     noise_std: float = 0.0,
+    kernel: str = "euler_maruyama",
+    grid: str = "uniform",
     denoise_final: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,
 ) -> SMCResult:
-    """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with the EM kernel.
+    """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with a Gaussian reverse kernel.
 
     Twist g_t(x) = N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2. With the
     EM kernel N(m, v I), the proposal is the kernel times g_s (closed form: the known part is
@@ -238,9 +278,13 @@ def smc_inverse(
         constraint: an ``sde.inverse.Constraint`` (project, target) with target (B, ...).
         particles: K >= 1 particles per condition.
         ess_threshold: resample a condition when ESS / K < ess_threshold, in (0, 1] (1 = always).
-        steps: reverse EM steps on a uniform grid from T to eps.
+        steps: reverse steps from T to eps.
         eps: end time (default 1e-3; 1e-5 for VE).
         noise_std: std of Gaussian noise on the measured part (0 = exact measurement).
+        kernel: the model's reverse kernel N(mean, var I), a name in ``KERNELS``: "euler_maruyama"
+            (x_t - reverse_drift (t - s), g(t)^2 (t - s)) or "ancestral" (DDPM's posterior
+            q(x_s | x_t, x0_hat(x_t)), exact for every Gaussian-kernel SDE when x_0 is known).
+        grid: the time grid, a name in ``sde.samplers.grids.GRIDS`` ("uniform" in t, "log_snr", "edm").
         denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call) and the projection.
         generator: source of all randomness (prior, moves, resampling).
         callback: ``callback(info)`` after each step: "i", "t", "x" (B, K, ...), "ess" (B,), "resampled" (B,).
@@ -251,27 +295,30 @@ def smc_inverse(
 
     Raises:
         ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps
-            outside (0, T), noise_std < 0, or a target that is not a float tensor.
+            outside (0, T), noise_std < 0, an unknown kernel or grid, or a target that is not a float tensor.
     """
     _check_smc(particles, ess_threshold)
     _check_noise_std(noise_std)
+    check_choice("kernel", kernel, KERNELS)
     P, b = constraint
     check_tensor("constraint.target", b, 1)
-    ts, K = _grid(sde, steps, eps), particles
+    ts, K = _grid(sde, steps, eps, grid), particles
     bk = b.repeat(K, *([1] * (b.dim() - 1)))  # (K * B, ...)
     calls = [0]
-    state, log_w, weigh, move = _inverse_filter(score_fn, sde, P, b, bk, noise_std, ts[0], K, generator, calls)
+    state, log_w, weigh, move = _inverse_filter(score_fn, sde, P, b, bk, noise_std, ts[0], K, generator, calls,
+                                                KERNELS[kernel])
     options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
-                   denoise_final=denoise_final)
+                   kernel=kernel, grid=grid, denoise_final=denoise_final)
     return _sample(state, log_w, ts, weigh, move, score_fn=score_fn, sde=sde, K=K, ess_threshold=ess_threshold,
                    denoise_final=denoise_final, calls=calls, generator=generator, callback=callback, progress=progress,
                    options=options, fix=(lambda x: x - P(x) + bk) if noise_std == 0 else None)
 
 
 def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], b: Tensor, bk: Tensor,
-                    noise_std: float, t0: float, K: int, generator,
-                    calls: list[int]) -> tuple[State, Tensor, Weigh, Move]:
+                    noise_std: float, t0: float, K: int, generator, calls: list[int],
+                    kernel: tuple[Callable[..., Tensor], Callable[..., float]]) -> tuple[State, Tensor, Weigh, Move]:
     """``smc_inverse``'s prior particles and their (K, B) log weights (the twist g_t0), its reweighting and move."""
+    mean_of, var_of = kernel
 
     def r2(t: float) -> float:
         a, s = _a_s(sde, t, b)
@@ -284,11 +331,11 @@ def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], 
         x = st["x"]
         score = score_fn(x, _times(t, x))
         calls[0] += 1
-        m, v = _em_kernel(sde, score, x, t, s)
+        m, v = mean_of(sde, score, x, t, s), var_of(sde, t, s, x)
         return {"x": x, "m": m}, log_g(m, s, v + r2(s)) - log_g(x, t, r2(t))
 
     def move(st: State, t: float, s: float) -> State:
-        m, v = st["m"], _em_var(sde, t, s, st["m"])
+        m, v = st["m"], var_of(sde, t, s, st["m"])
         z = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
         rs2 = r2(s)
         known = (rs2 * P(m) + v * _a_s(sde, s, b)[0] * bk) / (v + rs2) + math.sqrt(v * rs2 / (v + rs2)) * P(z)
