@@ -115,14 +115,33 @@ def _errors(m, c, wt, post) -> dict[str, float]:
             "w": (wt.mean(0) - post.weights).abs().max().item(), "w_se": se(wt).max().item()}
 
 
+def _prior_twist(gm: GaussianMixture, mask: torch.Tensor) -> dict:
+    """smc_inverse's prior-corrected twist from the prior's moments: its mean and the rms std of the observed
+    coordinates (what a user estimates from training data)."""
+    return {"prior_mean": gm.mean(), "prior_std": gm.covariance().diag()[mask == 1].mean().sqrt().item()}
+
+
+def _run_smc(gm, sde, mask, y0, K: int, R: int, args, g) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """R filters of K particles, in calls of at most ``args.chunk`` particles (the same law as one call;
+    cache-sized batches run faster)."""
+    opts = _prior_twist(gm, mask) if args.twist == "prior" else {}
+    xs, ws = [], []
+    per_call = max(1, args.chunk // K)
+    for r0 in range(0, R, per_call):
+        r = min(per_call, R - r0)
+        res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(r, -1).clone(), mask),
+                            method="smc", particles=K, ess_threshold=args.ess_threshold, steps=args.steps,
+                            generator=g, **opts)
+        xs.append(res.particles[..., mask == 0])
+        ws.append(res.log_weights.exp())
+    return torch.cat(xs), torch.cat(ws), res.nfe
+
+
 def _run_method(method: str, gm, sde, mask, y0, K: int, R: int, args, g) -> tuple[dict, int]:
     """Samples (R, K, d_U) and weights (R, K) of one method, K per condition."""
     unknown = mask == 0
     if method == "smc":
-        res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(R, -1).clone(), mask),
-                            method="smc", particles=K, ess_threshold=args.ess_threshold, steps=args.steps,
-                            generator=g)
-        return res.particles[..., unknown], res.log_weights.exp(), res.nfe
+        return _run_smc(gm, sde, mask, y0, K, R, args, g)
     opts = {"replacement": {"sampler": "euler_maruyama"}, "dps": {"sampler": "euler_maruyama", "zeta": 1.0},
             "repaint": {"jump_length": 10, "resample": args.resample}}[method]
     res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(R * K, -1).clone(), mask),
@@ -133,8 +152,9 @@ def _run_method(method: str, gm, sde, mask, y0, K: int, R: int, args, g) -> tupl
 
 def ksweep_table(args) -> None:
     sdes = {"VP": VPSDE(), "sub-VP": SubVPSDE(), "VE": VESDE(sigma_max=10.0)}
-    print(f"SMC: {args.n} particles per row in R = N / K filters; baselines: {args.n_baseline} samples per row; "
-          f"{args.steps} EM steps; ESS threshold {args.ess_threshold}; RePaint j=10, r={args.resample}\n")
+    print(f"SMC: {args.n} particles per row in R = N / K filters ({args.twist} twist, {args.chunk} particles per "
+          f"call); baselines: {args.n_baseline} samples per row; {args.steps} EM steps; ESS threshold "
+          f"{args.ess_threshold}; RePaint j=10, r={args.resample}\n")
     print("| problem | SDE | method | K | mean error | cov error | weight error | NFE | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(args.seed)
@@ -241,13 +261,16 @@ def main() -> None:
     p.add_argument("--n-baseline", type=int, default=16384, help="ksweep: samples per row of the other methods")
     p.add_argument("--steps", type=int, default=200, help="Euler-Maruyama steps")
     p.add_argument("--zetas", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="bias: DPS strengths")
-    p.add_argument("--ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
     p.add_argument("--methods", nargs="+", default=["smc", "replacement", "dps", "repaint"])
     p.add_argument("--problems", nargs="+", default=None, choices=list(problems()),
                    help="ksweep: the problems to run (default: all three)")
     p.add_argument("--seed", type=int, default=0, help="ksweep: seed of the generator")
     p.add_argument("--sdes", nargs="+", default=["VP", "sub-VP", "VE"], choices=["VP", "sub-VP", "VE"])
     p.add_argument("--ess-threshold", type=float, default=0.5, help="SMC resampling threshold on ESS / K")
+    p.add_argument("--twist", choices=["mcgdiff", "prior"], default="prior",
+                   help="SMC twist: MCGdiff's, or prior-corrected with the prior's mean and rms observed std")
+    p.add_argument("--ks", dest="ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
+    p.add_argument("--chunk", type=int, default=16384, help="ksweep: SMC particles per call (K x filters)")
     p.add_argument("--resample", type=int, default=5, help="RePaint passes per stretch (r)")
     p.add_argument("--train-steps", type=int, default=3000, help="sdedit: score-model training steps")
     p.add_argument("--n-edit", type=int, default=360, help="sdedit: test digits edited")

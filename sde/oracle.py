@@ -139,12 +139,13 @@ class GaussianMixture:
         return (x, labels) if return_labels else x
 
     def _terms(self, x: Tensor, a: Tensor, s2: Tensor, want_score: bool) -> tuple[Tensor, Tensor | None]:
-        """Per-component log densities (B, K) and, if asked, -C_k(t)^-1 (x - a mu_k) in each
-        component's eigenbasis (B, K, D) (``_from_eigenbasis`` rotates a combination of them back).
+        """Per-component log densities, transposed (K, B), and, if asked, C_k(t)^-1 (x - a mu_k) in
+        each component's eigenbasis (B, K, D) (``_from_eigenbasis`` rotates a combination of them back).
 
         ``a`` and ``s2`` are (B,) or (1,): with one time for the batch the variances and
         log-determinants are computed once, (1, K, D), not per row. A full-covariance mixture
-        rotates all K components in one matrix product: U_k^T (x - a mu_k) = (x U)_k - a U_k^T mu_k.
+        rotates all K components in one matrix product, U_k^T (x - a mu_k) = (x U)_k - a U_k^T mu_k,
+        and the Mahalanobis sums over D are one more product (with one time for the batch).
         """
         means, lam = self.means.to(x), self.eigvals.to(x)
         B, K, D = x.shape[0], self.K, self.D
@@ -154,14 +155,20 @@ class GaussianMixture:
         else:
             U = self.eigvecs.to(x)
             mu_rot = torch.einsum("kji,kj->ki", U, means)  # U_k^T mu_k, (K, D)
-            rot = (x @ U.permute(1, 0, 2).reshape(D, K * D)).view(B, K, D) - a[:, None, None] * mu_rot[None]
-        scaled = rot / var
-        logn = -0.5 * ((rot * scaled).sum(-1) + torch.log(var).sum(-1) + D * math.log(2 * math.pi))
-        return logn, (-scaled if want_score else None)
+            bias = (-a[:, None, None] * mu_rot[None]).reshape(-1, K * D)  # (B or 1, K * D)
+            rot = torch.addmm(bias, x, U.permute(1, 0, 2).reshape(D, K * D)).view(B, K, D)
+        inv = 1.0 / var
+        if inv.shape[0] == 1:  # one time: sum_d rot^2 / var as (K, K D) @ (K D, B)
+            block = torch.block_diag(*inv[0, :, None, :].unbind(0))  # (K, K * D)
+            maha = block @ rot.pow(2).view(B, K * D).T
+        else:
+            maha = (rot.pow(2) * inv).sum(-1).T
+        logn = -0.5 * (maha + torch.log(var).sum(-1).T + D * math.log(2 * math.pi))  # (K, B)
+        return logn, (rot * inv if want_score else None)
 
     def _from_eigenbasis(self, r: Tensor, g: Tensor) -> Tensor:
-        """sum_k r_k U_k g_k for responsibilities r (B, K) and eigenbasis vectors g (B, K, D): (B, D)."""
-        rg = r[:, :, None] * g
+        """sum_k r_k U_k g_k for weights r (K, B) and eigenbasis vectors g (B, K, D): (B, D)."""
+        rg = g * r.T[:, :, None]
         if self.eigvecs is None:
             return rg.sum(1)
         U = self.eigvecs.to(g)
@@ -196,7 +203,8 @@ class GaussianMixture:
     def component_log_prob(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
         """log w_k + log N_k(x) of each component of p_t (p_0 without ``sde``), shape (B, K)."""
         flat = self._flat(x)
-        logn = self._by_rows(lambda x, a, s2: self._terms(x, a, s2, want_score=False)[0], flat, *self._at(flat, sde, t))
+        logn = self._by_rows(lambda x, a, s2: self._terms(x, a, s2, want_score=False)[0].T, flat,
+                             *self._at(flat, sde, t))
         return logn + torch.log(self.weights.to(x))
 
     def log_prob(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
@@ -213,8 +221,8 @@ class GaussianMixture:
         log_w = torch.log(self.weights.to(x))
 
         def block(x: Tensor, a: Tensor, s2: Tensor) -> Tensor:
-            logn, g = self._terms(x, a, s2, want_score=True)
-            return self._from_eigenbasis(torch.softmax(logn + log_w, dim=1), g)
+            logn, g = self._terms(x, a, s2, want_score=True)  # (K, B): softmax over K is fast along dim 0
+            return self._from_eigenbasis(-torch.softmax(logn + log_w[:, None], dim=0), g)
 
         return self._by_rows(block, flat, *self._at(flat, sde, t)).reshape(x.shape)
 

@@ -20,6 +20,7 @@ condition, when the normalized effective sample size falls below ``ess_threshold
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_choice, check_int, check_open_interval, check_tensor
+from ._checks import as_time, check_int, check_open_interval, check_tensor
 from .flow import reverse_drift, tweedie
 from .samplers import default_eps
-from .samplers.grids import time_grid
 from .sdes import SDE, ScoreFn
 
-__all__ = ["KERNELS", "SMCResult", "smc_inverse", "smc_guidance", "systematic_resample", "effective_sample_size"]
+__all__ = ["SMCResult", "smc_inverse", "smc_guidance", "systematic_resample", "effective_sample_size"]
 
 State = dict[str, Tensor]  # tensors with leading dim K * B, particle k of condition b at row k * B + b
 
@@ -127,11 +127,11 @@ def _check_smc(particles: int, ess_threshold: float) -> None:
                          f"got {ess_threshold!r}")
 
 
-def _grid(sde: SDE, steps: int, eps: float | None, grid: str = "uniform", rho: float = 7.0) -> list[float]:
+def _grid(sde: SDE, steps: int, eps: float | None) -> list[float]:
     check_int("steps", steps, 1)
     eps = default_eps(sde) if eps is None else eps
     check_open_interval("eps", eps, 0.0, sde.T)
-    return time_grid(sde, steps, eps, grid, rho=rho)
+    return torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64).tolist()
 
 
 # -- the generic particle loop ----------------------------------------------------------------------
@@ -184,36 +184,10 @@ def _em_var(sde: SDE, t: float, s: float, like: Tensor) -> float:
     return float(sde.diffusion(as_time(t, like, sde.T, batch=1))[0]) ** 2 * (t - s)
 
 
-def _em_mean(sde: SDE, score: Tensor, x: Tensor, t: float, s: float) -> Tensor:
-    """Mean of the reverse Euler-Maruyama step t -> s < t with a precomputed score."""
-    return x - reverse_drift(sde, lambda *_: score, x, _times(t, x)) * (t - s)
-
-
 def _em_kernel(sde: SDE, score: Tensor, x: Tensor, t: float, s: float) -> tuple[Tensor, float]:
     """Mean and variance of the reverse Euler-Maruyama step t -> s < t with a precomputed score."""
-    return _em_mean(sde, score, x, t, s), _em_var(sde, t, s, x)
-
-
-def _ancestral_var(sde: SDE, t: float, s: float, like: Tensor) -> float:
-    """Variance sigma_s^2 (1 - exp(lambda_t - lambda_s)) of q(x_s | x_t, x_0) (lambda = log-SNR)."""
-    tt = torch.tensor([t, s], dtype=torch.float64, device=like.device)
-    lam = sde.log_snr(tt).tolist()
-    return _a_s(sde, s, like)[1] ** 2 * -math.expm1(lam[0] - lam[1])
-
-
-def _ancestral_mean(sde: SDE, score: Tensor, x: Tensor, t: float, s: float) -> Tensor:
-    """Mean of q(x_s | x_t, x_0 = x0_hat): alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat, c^2 its variance,
-    x0_hat Tweedie's estimate, eps_hat = -sigma_t score (DDPM's posterior; DDIM with eta = 1)."""
-    (a_t, s_t), (a_s, s_s) = _a_s(sde, t, x), _a_s(sde, s, x)
-    x0 = tweedie(sde, x, _times(t, x), score, alpha=a_t, sigma=s_t)
-    return a_s * x0 - math.sqrt(max(s_s**2 - _ancestral_var(sde, t, s, x), 0.0)) * s_t * score
-
-
-# name -> (mean of the step t -> s given the score at x_t, its variance): the model's reverse kernel N(mean, var I)
-KERNELS: dict[str, tuple[Callable[..., Tensor], Callable[..., float]]] = {
-    "euler_maruyama": (_em_mean, _em_var),
-    "ancestral": (_ancestral_mean, _ancestral_var),
-}
+    mean = x - reverse_drift(sde, lambda *_: score, x, _times(t, x)) * (t - s)
+    return mean, _em_var(sde, t, s, x)
 
 
 def _a_s(sde: SDE, t: float, like: Tensor) -> tuple[float, float]:
@@ -255,14 +229,14 @@ def smc_inverse(
     steps: int = 500,
     eps: float | None = None,
     noise_std: float = 0.0,
-    kernel: str = "euler_maruyama",
-    grid: str = "uniform",
+    prior_std: float | None = None,
+    prior_mean: float | Tensor = 0.0,
     denoise_final: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,
 ) -> SMCResult:
-    """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with a Gaussian reverse kernel.
+    """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with the EM kernel.
 
     Twist g_t(x) = N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2. With the
     EM kernel N(m, v I), the proposal is the kernel times g_s (closed form: the known part is
@@ -272,19 +246,25 @@ def smc_inverse(
     p_model(x_eps) g_eps(x_eps) -> p(x_0 | b) as eps -> 0 (noiseless: P x_eps pinned to alpha b
     within sigma_eps); the final Tweedie denoise and projection keep P x = b exactly.
 
+    With ``prior_std`` the intermediate twists are prior-corrected: g_t(x) / N(P x; alpha_t
+    prior_mean, alpha_t^2 prior_std^2 + sigma_t^2), again Gaussian on range(P). The posterior path
+    has P x_t ~ N(alpha_t b, r_t^2) exactly, while p_t(x) g_t(x) counts the prior of P x_t twice;
+    the division undoes that where the data's law on range(P) is N(prior_mean, prior_std^2). The
+    last step keeps g_eps, so the target is unchanged; the weights degenerate less (docs/controllable.md).
+
     Args:
         score_fn: unconditional score ``(x, t)``; called on batches of K * B particles.
         sde: the forward SDE (any: VP, sub-VP, VE).
         constraint: an ``sde.inverse.Constraint`` (project, target) with target (B, ...).
         particles: K >= 1 particles per condition.
         ess_threshold: resample a condition when ESS / K < ess_threshold, in (0, 1] (1 = always).
-        steps: reverse steps from T to eps.
+        steps: reverse EM steps on a uniform grid from T to eps.
         eps: end time (default 1e-3; 1e-5 for VE).
         noise_std: std of Gaussian noise on the measured part (0 = exact measurement).
-        kernel: the model's reverse kernel N(mean, var I), a name in ``KERNELS``: "euler_maruyama"
-            (x_t - reverse_drift (t - s), g(t)^2 (t - s)) or "ancestral" (DDPM's posterior
-            q(x_s | x_t, x0_hat(x_t)), exact for every Gaussian-kernel SDE when x_0 is known).
-        grid: the time grid, a name in ``sde.samplers.grids.GRIDS`` ("uniform" in t, "log_snr", "edm").
+        prior_std: std of the data per measured coordinate (a rough value does: the target never
+            depends on it), > noise_std; None keeps MCGdiff's twist.
+        prior_mean: mean of the data on range(P), a float or a tensor broadcasting against the
+            target (only its P part is used); with ``prior_std``.
         denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call) and the projection.
         generator: source of all randomness (prior, moves, resampling).
         callback: ``callback(info)`` after each step: "i", "t", "x" (B, K, ...), "ess" (B,), "resampled" (B,).
@@ -295,55 +275,86 @@ def smc_inverse(
 
     Raises:
         ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps
-            outside (0, T), noise_std < 0, an unknown kernel or grid, or a target that is not a float tensor.
+            outside (0, T), noise_std < 0, prior_std <= noise_std, a prior_mean that does not
+            broadcast against the target, or a target that is not a float tensor.
     """
     _check_smc(particles, ess_threshold)
     _check_noise_std(noise_std)
-    check_choice("kernel", kernel, KERNELS)
     P, b = constraint
     check_tensor("constraint.target", b, 1)
-    ts, K = _grid(sde, steps, eps, grid), particles
+    ts, K = _grid(sde, steps, eps), particles
     bk = b.repeat(K, *([1] * (b.dim() - 1)))  # (K * B, ...)
+    twist = _twist(sde, P, bk, noise_std, prior_std, prior_mean, ts[-1])
     calls = [0]
-    state, log_w, weigh, move = _inverse_filter(score_fn, sde, P, b, bk, noise_std, ts[0], K, generator, calls,
-                                                KERNELS[kernel])
+    state, log_w, weigh, move = _inverse_filter(score_fn, sde, P, bk, twist, ts[0], K, generator, calls)
     options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
-                   kernel=kernel, grid=grid, denoise_final=denoise_final)
+                   prior_std=prior_std, prior_mean=prior_mean, denoise_final=denoise_final)
     return _sample(state, log_w, ts, weigh, move, score_fn=score_fn, sde=sde, K=K, ess_threshold=ess_threshold,
                    denoise_final=denoise_final, calls=calls, generator=generator, callback=callback, progress=progress,
                    options=options, fix=(lambda x: x - P(x) + bk) if noise_std == 0 else None)
 
 
-def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], b: Tensor, bk: Tensor,
-                    noise_std: float, t0: float, K: int, generator, calls: list[int],
-                    kernel: tuple[Callable[..., Tensor], Callable[..., float]]) -> tuple[State, Tensor, Weigh, Move]:
-    """``smc_inverse``'s prior particles and their (K, B) log weights (the twist g_t0), its reweighting and move."""
-    mean_of, var_of = kernel
+Twist = Callable[[float], tuple[Tensor, float]]  # t -> (center in range(P) (K * B, ...), var): N(P x; center, var I)
 
-    def r2(t: float) -> float:
-        a, s = _a_s(sde, t, b)
-        return s**2 + a**2 * noise_std**2
 
-    def log_g(x: Tensor, t: float, var: float) -> Tensor:
-        return -(P(x) - _a_s(sde, t, b)[0] * bk).flatten(1).pow(2).sum(1) / (2 * var)
+def _twist(sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, noise_std: float, prior_std: float | None,
+           prior_mean: float | Tensor, eps: float) -> Twist:
+    """``smc_inverse``'s Gaussian twist on range(P) at each time: MCGdiff's N(alpha_t b, r_t^2), or
+    with ``prior_std`` that divided by N(alpha_t prior_mean, alpha_t^2 prior_std^2 + sigma_t^2) (not at eps)."""
+    if prior_std is not None:
+        _check_prior(prior_std, noise_std)
+        try:
+            mu = P(torch.broadcast_to(torch.as_tensor(prior_mean, dtype=bk.dtype, device=bk.device), bk.shape))
+        except RuntimeError:
+            raise ValueError(f"prior_mean must be a float or a tensor broadcasting against the target "
+                             f"{tuple(bk.shape[1:])}, got shape {tuple(torch.as_tensor(prior_mean).shape)}") from None
+
+    @functools.lru_cache(maxsize=2)  # each step asks for t and s: computed once per grid time
+    def twist(t: float) -> tuple[Tensor, float]:
+        a, s = _a_s(sde, t, bk)
+        r2 = s**2 + a**2 * noise_std**2
+        if prior_std is None or t == eps:
+            return a * bk, r2
+        p2 = a**2 * prior_std**2 + s**2  # variance of P x_t under the Gaussian prior N(prior_mean, prior_std^2)
+        var = 1.0 / (1.0 / r2 - 1.0 / p2)
+        return var * (a / r2 * bk - a / p2 * mu), var
+
+    return twist
+
+
+def _check_prior(prior_std: float, noise_std: float) -> None:
+    if isinstance(prior_std, bool) or not isinstance(prior_std, (int, float)) or not (
+        math.isfinite(prior_std) and prior_std > noise_std
+    ):
+        raise ValueError(f"prior_std must be a finite number > noise_std = {noise_std} (the data's std on "
+                         f"range(P)), or None; got {prior_std!r}")
+
+
+def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, twist: Twist, t0: float,
+                    K: int, generator, calls: list[int]) -> tuple[State, Tensor, Weigh, Move]:
+    """``smc_inverse``'s prior particles and their (K, B) log weights (the twist at t0), its reweighting and move."""
+
+    def log_g(x: Tensor, t: float, v: float = 0.0) -> Tensor:  # log N(P x; center_t, (v + var_t) I) + const
+        c, var = twist(t)
+        return -(P(x) - c).flatten(1).pow(2).sum(1) / (2 * (v + var))
 
     def weigh(st: State, t: float, s: float) -> tuple[State, Tensor]:
         x = st["x"]
         score = score_fn(x, _times(t, x))
         calls[0] += 1
-        m, v = mean_of(sde, score, x, t, s), var_of(sde, t, s, x)
-        return {"x": x, "m": m}, log_g(m, s, v + r2(s)) - log_g(x, t, r2(t))
+        m, v = _em_kernel(sde, score, x, t, s)
+        return {"x": x, "m": m}, log_g(m, s, v) - log_g(x, t)
 
     def move(st: State, t: float, s: float) -> State:
-        m, v = st["m"], var_of(sde, t, s, st["m"])
+        m, v = st["m"], _em_var(sde, t, s, st["m"])
         z = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
-        rs2 = r2(s)
-        known = (rs2 * P(m) + v * _a_s(sde, s, b)[0] * bk) / (v + rs2) + math.sqrt(v * rs2 / (v + rs2)) * P(z)
+        c, rs2 = twist(s)
+        known = (rs2 * P(m) + v * c) / (v + rs2) + math.sqrt(v * rs2 / (v + rs2)) * P(z)
         free = m + math.sqrt(v) * z
         return {"x": free - P(free) + known}
 
-    x = sde.prior_sampling(bk.shape, generator=generator, device=b.device, dtype=b.dtype)
-    return {"x": x}, log_g(x, t0, r2(t0)).view(K, -1), weigh, move
+    x = sde.prior_sampling(bk.shape, generator=generator, device=bk.device, dtype=bk.dtype)
+    return {"x": x}, log_g(x, t0).view(K, -1), weigh, move
 
 
 # -- class guidance ------------------------------------------------------------------------------
