@@ -115,16 +115,17 @@ def _errors(m, c, wt, post) -> dict[str, float]:
             "w": (wt.mean(0) - post.weights).abs().max().item(), "w_se": se(wt).max().item()}
 
 
-def _prior_twist(gm: GaussianMixture, mask: torch.Tensor) -> dict:
-    """smc_inverse's prior-corrected twist from the prior's moments: its mean and the rms std of the observed
-    coordinates (what a user estimates from training data)."""
-    return {"prior_mean": gm.mean(), "prior_std": gm.covariance().diag()[mask == 1].mean().sqrt().item()}
+def _prior_twist(gm: GaussianMixture, kind: str) -> dict:
+    """smc_inverse's prior-corrected twist from the prior's moments (what a user estimates from training data):
+    its mean and per-coordinate std ("prior") or one rms std ("prior-iso")."""
+    std = gm.covariance().diag().sqrt()
+    return {"prior_mean": gm.mean(), "prior_std": std if kind == "prior" else std.pow(2).mean().sqrt().item()}
 
 
 def _run_smc(gm, sde, mask, y0, K: int, R: int, args, g) -> tuple[torch.Tensor, torch.Tensor, int]:
     """R filters of K particles, in calls of at most ``args.chunk`` particles (the same law as one call;
     cache-sized batches run faster)."""
-    opts = _prior_twist(gm, mask) if args.twist == "prior" else {}
+    opts = {} if args.twist == "mcgdiff" else _prior_twist(gm, args.twist)
     xs, ws = [], []
     per_call = max(1, args.chunk // K)
     for r0 in range(0, R, per_call):
@@ -267,8 +268,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="ksweep: seed of the generator")
     p.add_argument("--sdes", nargs="+", default=["VP", "sub-VP", "VE"], choices=["VP", "sub-VP", "VE"])
     p.add_argument("--ess-threshold", type=float, default=0.5, help="SMC resampling threshold on ESS / K")
-    p.add_argument("--twist", choices=["mcgdiff", "prior"], default="prior",
-                   help="SMC twist: MCGdiff's, or prior-corrected with the prior's mean and rms observed std")
+    p.add_argument("--twist", choices=["mcgdiff", "prior", "prior-iso"], default="prior",
+                   help="SMC twist: MCGdiff's, or prior-corrected with the prior's mean and per-coordinate std "
+                        "(prior) or one rms std over all coordinates (prior-iso)")
     p.add_argument("--ks", dest="ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
     p.add_argument("--chunk", type=int, default=16384, help="ksweep: SMC particles per call (K x filters)")
     p.add_argument("--resample", type=int, default=5, help="RePaint passes per stretch (r)")

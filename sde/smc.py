@@ -229,7 +229,7 @@ def smc_inverse(
     steps: int = 500,
     eps: float | None = None,
     noise_std: float = 0.0,
-    prior_std: float | None = None,
+    prior_std: float | Tensor | None = None,
     prior_mean: float | Tensor = 0.0,
     denoise_final: bool = True,
     generator: torch.Generator | None = None,
@@ -261,8 +261,9 @@ def smc_inverse(
         steps: reverse EM steps on a uniform grid from T to eps.
         eps: end time (default 1e-3; 1e-5 for VE).
         noise_std: std of Gaussian noise on the measured part (0 = exact measurement).
-        prior_std: std of the data per measured coordinate (a rough value does: the target never
-            depends on it), > noise_std; None keeps MCGdiff's twist.
+        prior_std: std of the data per measured coordinate, > noise_std: a float, or a tensor
+            broadcasting against the target (one per coordinate); a rough value does (the target
+            never depends on it). None keeps MCGdiff's twist.
         prior_mean: mean of the data on range(P), a float or a tensor broadcasting against the
             target (only its P part is used); with ``prior_std``.
         denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call) and the projection.
@@ -297,37 +298,51 @@ def smc_inverse(
 Twist = Callable[[float], tuple[Tensor, float]]  # t -> (center in range(P) (K * B, ...), var): N(P x; center, var I)
 
 
-def _twist(sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, noise_std: float, prior_std: float | None,
+def _twist(sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, noise_std: float, prior_std: float | Tensor | None,
            prior_mean: float | Tensor, eps: float) -> Twist:
     """``smc_inverse``'s Gaussian twist on range(P) at each time: MCGdiff's N(alpha_t b, r_t^2), or
     with ``prior_std`` that divided by N(alpha_t prior_mean, alpha_t^2 prior_std^2 + sigma_t^2) (not at eps)."""
     if prior_std is not None:
-        _check_prior(prior_std, noise_std)
-        try:
-            mu = P(torch.broadcast_to(torch.as_tensor(prior_mean, dtype=bk.dtype, device=bk.device), bk.shape))
-        except RuntimeError:
-            raise ValueError(f"prior_mean must be a float or a tensor broadcasting against the target "
-                             f"{tuple(bk.shape[1:])}, got shape {tuple(torch.as_tensor(prior_mean).shape)}") from None
+        mu = P(_broadcast("prior_mean", prior_mean, bk))
+        lam = _check_prior(prior_std, noise_std, bk) ** 2  # a float, or a (K * B, ...) tensor
 
     @functools.lru_cache(maxsize=2)  # each step asks for t and s: computed once per grid time
-    def twist(t: float) -> tuple[Tensor, float]:
+    def twist(t: float) -> tuple[Tensor, float | Tensor]:
         a, s = _a_s(sde, t, bk)
         r2 = s**2 + a**2 * noise_std**2
         if prior_std is None or t == eps:
             return a * bk, r2
-        p2 = a**2 * prior_std**2 + s**2  # variance of P x_t under the Gaussian prior N(prior_mean, prior_std^2)
+        p2 = a**2 * lam + s**2  # variance of P x_t under the Gaussian prior N(prior_mean, prior_std^2)
         var = 1.0 / (1.0 / r2 - 1.0 / p2)
         return var * (a / r2 * bk - a / p2 * mu), var
 
     return twist
 
 
-def _check_prior(prior_std: float, noise_std: float) -> None:
-    if isinstance(prior_std, bool) or not isinstance(prior_std, (int, float)) or not (
-        math.isfinite(prior_std) and prior_std > noise_std
-    ):
-        raise ValueError(f"prior_std must be a finite number > noise_std = {noise_std} (the data's std on "
-                         f"range(P)), or None; got {prior_std!r}")
+def _broadcast(name: str, value: float | Tensor, like: Tensor) -> Tensor:
+    try:
+        return torch.broadcast_to(torch.as_tensor(value, dtype=like.dtype, device=like.device), like.shape)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a float or a tensor broadcasting against the target {tuple(like.shape[1:])}, "
+                         f"got shape {tuple(torch.as_tensor(value).shape)}") from None
+
+
+def _check_prior(prior_std: float | Tensor, noise_std: float, like: Tensor) -> float | Tensor:
+    """``prior_std`` checked: a float, or a tensor broadcast like the (K * B, ...) target."""
+    if isinstance(prior_std, Tensor):
+        std = _broadcast("prior_std", prior_std, like)
+        ok = bool((torch.isfinite(std) & (std > noise_std)).all())
+    else:
+        std = prior_std
+        ok = not isinstance(std, bool) and isinstance(std, (int, float)) and math.isfinite(std) and std > noise_std
+    if not ok:
+        raise ValueError(f"prior_std must be a finite number (or tensor of them) > noise_std = {noise_std} (the "
+                         f"data's std on range(P)), or None; got {prior_std!r}")
+    return std
+
+
+def _sqrt(v: float | Tensor) -> float | Tensor:
+    return v.sqrt() if isinstance(v, Tensor) else math.sqrt(v)
 
 
 def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, twist: Twist, t0: float,
@@ -336,6 +351,8 @@ def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], 
 
     def log_g(x: Tensor, t: float, v: float = 0.0) -> Tensor:  # log N(P x; center_t, (v + var_t) I) + const
         c, var = twist(t)
+        if isinstance(var, Tensor):  # a per-coordinate prior_std
+            return -((P(x) - c).pow(2) / (v + var)).flatten(1).sum(1) / 2
         return -(P(x) - c).flatten(1).pow(2).sum(1) / (2 * (v + var))
 
     def weigh(st: State, t: float, s: float) -> tuple[State, Tensor]:
@@ -349,7 +366,7 @@ def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], 
         m, v = st["m"], _em_var(sde, t, s, st["m"])
         z = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
         c, rs2 = twist(s)
-        known = (rs2 * P(m) + v * c) / (v + rs2) + math.sqrt(v * rs2 / (v + rs2)) * P(z)
+        known = (rs2 * P(m) + v * c) / (v + rs2) + _sqrt(v * rs2 / (v + rs2)) * P(z)
         free = m + math.sqrt(v) * z
         return {"x": free - P(free) + known}
 
