@@ -7,8 +7,10 @@ Parts (``--part``):
 - ``ksweep``: method x K x SDE on three problems with the exact (oracle) score: the correlated
   4-D Gaussian, a 2-D three-component mixture (x_1 observed) and an 8-D four-component mixture
   (4 coordinates observed). SMC runs R = N / K independent filters of K particles (one
-  condition each, batched); its estimates are the weighted ones, averaged over the R filters,
-  with Monte-Carlo standard errors from their spread. Replacement, DPS and RePaint draw the same
+  condition each, batched, ``--chunk`` particles per call); its estimates are the weighted ones,
+  averaged over the R filters, with Monte-Carlo standard errors from their spread. ``--twist``:
+  MCGdiff's twist, or the prior-corrected one with the prior's mean and std (smc_inverse's
+  ``prior_mean``, ``prior_std``; the default "prior": per coordinate). Replacement, DPS and RePaint draw the same
   number of independent samples (R conditions x K samples): their errors do not fall with K.
   Weight error: max_k |E[responsibility_k(X)] - w_k| under the posterior mixture (its exact weights).
 - ``guidance``: SMC class guidance against classifier guidance with the same (plug-in) twist:
@@ -17,7 +19,7 @@ Parts (``--part``):
   and FD-digits against t0.
 
     python experiments/bench_controllable.py --part ksweep [--n 65536 --n-baseline 16384 --steps 200]
-    python experiments/bench_controllable.py --part ksweep --methods smc --problems "mixture 8-D" --steps 800
+    python experiments/bench_controllable.py --part ksweep --methods smc --problems "mixture 8-D" --ks 256 --n 262144
     python experiments/bench_controllable.py --part bias --n 2000 --steps 300
 
 Prints Markdown tables (docs/benchmarks.md, "Controllable generation"; docs/controllable.md).
@@ -115,17 +117,18 @@ def _errors(m, c, wt, post) -> dict[str, float]:
             "w": (wt.mean(0) - post.weights).abs().max().item(), "w_se": se(wt).max().item()}
 
 
-def _prior_twist(gm: GaussianMixture, kind: str) -> dict:
+def _prior_twist(gm: GaussianMixture, mask: torch.Tensor, kind: str) -> dict:
     """smc_inverse's prior-corrected twist from the prior's moments (what a user estimates from training data):
-    its mean and per-coordinate std ("prior") or one rms std ("prior-iso")."""
-    std = gm.covariance().diag().sqrt()
-    return {"prior_mean": gm.mean(), "prior_std": std if kind == "prior" else std.pow(2).mean().sqrt().item()}
+    its mean and per-coordinate std ("prior") or the rms std of the observed coordinates ("prior-iso")."""
+    var = gm.covariance().diag()
+    std = var.sqrt() if kind == "prior" else var[mask == 1].mean().sqrt().item()
+    return {"prior_mean": gm.mean(), "prior_std": std}
 
 
 def _run_smc(gm, sde, mask, y0, K: int, R: int, args, g) -> tuple[torch.Tensor, torch.Tensor, int]:
     """R filters of K particles, in calls of at most ``args.chunk`` particles (the same law as one call;
     cache-sized batches run faster)."""
-    opts = {} if args.twist == "mcgdiff" else _prior_twist(gm, args.twist)
+    opts = {} if args.twist == "mcgdiff" else _prior_twist(gm, mask, args.twist)
     xs, ws = [], []
     per_call = max(1, args.chunk // K)
     for r0 in range(0, R, per_call):
@@ -270,7 +273,7 @@ def main() -> None:
     p.add_argument("--ess-threshold", type=float, default=0.5, help="SMC resampling threshold on ESS / K")
     p.add_argument("--twist", choices=["mcgdiff", "prior", "prior-iso"], default="prior",
                    help="SMC twist: MCGdiff's, or prior-corrected with the prior's mean and per-coordinate std "
-                        "(prior) or one rms std over all coordinates (prior-iso)")
+                        "(prior) or the rms std of the observed coordinates (prior-iso)")
     p.add_argument("--ks", dest="ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
     p.add_argument("--chunk", type=int, default=16384, help="ksweep: SMC particles per call (K x filters)")
     p.add_argument("--resample", type=int, default=5, help="RePaint passes per stretch (r)")

@@ -13,7 +13,12 @@ condition, when the normalized effective sample size falls below ``ess_threshold
   super-resolution; optional noise on range(P)). Twist g_t(x) = N(P x; alpha_t b, r_t^2 I) with
   r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2, the law of the noised measurement (MCGdiff, Cardoso
   et al. 2023, noiseless and noisy cases). Kernel and twist are Gaussian, so the locally optimal
-  proposal and its weight are closed form (a fully adapted filter).
+  proposal and its weight are closed form (a fully adapted filter). Prior-corrected twist
+  (``prior_std``, ``prior_mean``): g_t(x) / N(P x; alpha_t prior_mean, alpha_t^2 prior_std^2 +
+  sigma_t^2), again Gaussian on range(P). The posterior path has P x_t ~ N(alpha_t b, r_t^2)
+  exactly (given P x_0 = b the measured part diffuses independently of the rest), while p_t(x)
+  g_t(x) counts the prior of P x_t a second time; the division undoes that for a Gaussian prior
+  on range(P). The last step keeps g_eps (same target); the weights degenerate much less.
 - ``smc_guidance``: a class y with a noise-conditional classifier p_t(y | x_t) as the twist and
   the classifier-guided kernel as the proposal (the twisted diffusion sampler, Wu et al. 2023).
 """
@@ -238,19 +243,11 @@ def smc_inverse(
 ) -> SMCResult:
     """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with the EM kernel.
 
-    Twist g_t(x) = N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2. With the
-    EM kernel N(m, v I), the proposal is the kernel times g_s (closed form: the known part is
-    N((r_s^2 P m + v alpha_s b) / (v + r_s^2), v r_s^2 / (v + r_s^2)), the rest moves as the
-    kernel) and the incremental weight N(P m; alpha_s b, (v + r_s^2) I) / g_t(x_t) depends on x_t
-    only, so particles are reweighted and resampled before they move. The last step targets
-    p_model(x_eps) g_eps(x_eps) -> p(x_0 | b) as eps -> 0 (noiseless: P x_eps pinned to alpha b
-    within sigma_eps); the final Tweedie denoise and projection keep P x = b exactly.
-
-    With ``prior_std`` the intermediate twists are prior-corrected: g_t(x) / N(P x; alpha_t
-    prior_mean, alpha_t^2 prior_std^2 + sigma_t^2), again Gaussian on range(P). The posterior path
-    has P x_t ~ N(alpha_t b, r_t^2) exactly, while p_t(x) g_t(x) counts the prior of P x_t twice;
-    the division undoes that where the data's law on range(P) is N(prior_mean, prior_std^2). The
-    last step keeps g_eps, so the target is unchanged; the weights degenerate less (docs/controllable.md).
+    Twist g_t(x) = N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2, or its
+    prior-corrected form (``prior_std``, see the module docstring). Proposal: the EM kernel N(m, v I)
+    times the twist (closed form on range(P), the kernel elsewhere); the weight depends on x_t only, so
+    particles are reweighted and resampled before they move. The last step targets p_model(x_eps)
+    g_eps(x_eps) -> p(x_0 | b); the final Tweedie denoise and projection keep P x = b exactly.
 
     Args:
         score_fn: unconditional score ``(x, t)``; called on batches of K * B particles.
@@ -261,11 +258,9 @@ def smc_inverse(
         steps: reverse EM steps on a uniform grid from T to eps.
         eps: end time (default 1e-3; 1e-5 for VE).
         noise_std: std of Gaussian noise on the measured part (0 = exact measurement).
-        prior_std: std of the data per measured coordinate, > noise_std: a float, or a tensor
-            broadcasting against the target (one per coordinate); a rough value does (the target
-            never depends on it). None keeps MCGdiff's twist.
-        prior_mean: mean of the data on range(P), a float or a tensor broadcasting against the
-            target (only its P part is used); with ``prior_std``.
+        prior_std: the data's std per measured coordinate (> noise_std; a float or a tensor broadcasting
+            against the target; a rough value does: the target does not depend on it); None: MCGdiff's twist.
+        prior_mean: the data's mean (a float or a tensor broadcasting against the target), with prior_std.
         denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call) and the projection.
         generator: source of all randomness (prior, moves, resampling).
         callback: ``callback(info)`` after each step: "i", "t", "x" (B, K, ...), "ess" (B,), "resampled" (B,).
@@ -275,17 +270,12 @@ def smc_inverse(
         SMCResult; ``nfe`` = steps + denoise_final.
 
     Raises:
-        ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps
-            outside (0, T), noise_std < 0, prior_std <= noise_std, a prior_mean that does not
-            broadcast against the target, or a target that is not a float tensor.
+        ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps outside (0, T),
+            noise_std < 0, prior_std <= noise_std, a prior_std / prior_mean that does not broadcast
+            against the target, or a target that is not a float tensor.
     """
-    _check_smc(particles, ess_threshold)
-    _check_noise_std(noise_std)
-    P, b = constraint
-    check_tensor("constraint.target", b, 1)
-    ts, K = _grid(sde, steps, eps), particles
-    bk = b.repeat(K, *([1] * (b.dim() - 1)))  # (K * B, ...)
-    twist = _twist(sde, P, bk, noise_std, prior_std, prior_mean, ts[-1])
+    P, ts, bk = _inverse_setup(sde, constraint, particles, ess_threshold, steps, eps, noise_std)
+    K, twist = particles, _twist(sde, P, bk, noise_std, prior_std, prior_mean, ts[-1])
     calls = [0]
     state, log_w, weigh, move = _inverse_filter(score_fn, sde, P, bk, twist, ts[0], K, generator, calls)
     options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
@@ -293,6 +283,16 @@ def smc_inverse(
     return _sample(state, log_w, ts, weigh, move, score_fn=score_fn, sde=sde, K=K, ess_threshold=ess_threshold,
                    denoise_final=denoise_final, calls=calls, generator=generator, callback=callback, progress=progress,
                    options=options, fix=(lambda x: x - P(x) + bk) if noise_std == 0 else None)
+
+
+def _inverse_setup(sde: SDE, constraint: Any, particles: int, ess_threshold: float, steps: int, eps: float | None,
+                   noise_std: float) -> tuple[Callable[[Tensor], Tensor], list[float], Tensor]:
+    """``smc_inverse``'s checks, then P, the grid and the target repeated for the K particles, (K * B, ...)."""
+    _check_smc(particles, ess_threshold)
+    _check_noise_std(noise_std)
+    P, b = constraint
+    check_tensor("constraint.target", b, 1)
+    return P, _grid(sde, steps, eps), b.repeat(particles, *([1] * (b.dim() - 1)))
 
 
 Twist = Callable[[float], tuple[Tensor, float]]  # t -> (center in range(P) (K * B, ...), var): N(P x; center, var I)
