@@ -138,41 +138,56 @@ class GaussianMixture:
         x = self.means[labels] + z
         return (x, labels) if return_labels else x
 
-    def _terms(self, x: Tensor, a: Tensor, s2: Tensor, want_score: bool) -> tuple[Tensor, Tensor | None]:
-        """Per-component log densities, transposed (K, B), and, if asked, C_k(t)^-1 (x - a mu_k) in
-        each component's eigenbasis (B, K, D) (``_from_eigenbasis`` rotates a combination of them back).
+    def _terms(self, x: Tensor, a: Tensor, s2: Tensor, want_score: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Per-component log densities, transposed (K, B); if asked, per-component score terms g
+        (B, K, D) and the (K D, D) matrix M (None: identity) with score = -sum_k r_k (g_k M_k).
 
         ``a`` and ``s2`` are (B,) or (1,): with one time for the batch the variances and
-        log-determinants are computed once, (1, K, D), not per row. A full-covariance mixture
-        rotates all K components in one matrix product, U_k^T (x - a mu_k) = (x U)_k - a U_k^T mu_k,
-        and the Mahalanobis sums over D are one more product (with one time for the batch).
+        log-determinants are computed once, (1, K, D), not per row, and a full-covariance mixture
+        takes ``_terms_shared``'s whitened matrix products. Otherwise all K components rotate in one
+        product, U_k^T (x - a mu_k) = (x U)_k - a U_k^T mu_k, and g_k = C_k(t)^-1 (x - a mu_k) in the
+        eigenbasis (M = the U_k^T).
         """
+        if self.eigvecs is not None and a.shape[0] == 1:
+            return self._terms_shared(x, a, s2, want_score)
         means, lam = self.means.to(x), self.eigvals.to(x)
         B, K, D = x.shape[0], self.K, self.D
         var = a[:, None, None] ** 2 * lam[None] + s2[:, None, None]  # (B or 1, K, D) eigenvalues of C_k(t)
+        back = None
         if self.eigvecs is None:
             rot = x[:, None, :] - a[:, None, None] * means[None]  # (B, K, D)
         else:
             U = self.eigvecs.to(x)
             mu_rot = torch.einsum("kji,kj->ki", U, means)  # U_k^T mu_k, (K, D)
-            bias = (-a[:, None, None] * mu_rot[None]).reshape(-1, K * D)  # (B or 1, K * D)
+            bias = (-a[:, None, None] * mu_rot[None]).reshape(-1, K * D)  # (B, K * D)
             rot = torch.addmm(bias, x, U.permute(1, 0, 2).reshape(D, K * D)).view(B, K, D)
+            back = U.permute(0, 2, 1).reshape(K * D, D)
         inv = 1.0 / var
-        if inv.shape[0] == 1:  # one time: sum_d rot^2 / var as (K, K D) @ (K D, B)
-            block = torch.block_diag(*inv[0, :, None, :].unbind(0))  # (K, K * D)
-            maha = block @ rot.pow(2).view(B, K * D).T
-        else:
-            maha = (rot.pow(2) * inv).sum(-1).T
+        maha = (rot.pow(2) * inv).sum(-1).T
         logn = -0.5 * (maha + torch.log(var).sum(-1).T + D * math.log(2 * math.pi))  # (K, B)
-        return logn, (rot * inv if want_score else None)
+        return logn, (rot * inv if want_score else None), back
 
-    def _from_eigenbasis(self, r: Tensor, g: Tensor) -> Tensor:
-        """sum_k r_k U_k g_k for weights r (K, B) and eigenbasis vectors g (B, K, D): (B, D)."""
-        rg = g * r.T[:, :, None]
-        if self.eigvecs is None:
-            return rg.sum(1)
-        U = self.eigvecs.to(g)
-        return rg.reshape(g.shape[0], -1) @ U.permute(0, 2, 1).reshape(self.K * self.D, self.D)
+    def _terms_shared(self, x: Tensor, a: Tensor, s2: Tensor, want_score: bool):
+        """``_terms`` for one time and full covariances: whitened residuals w_k = diag(var_k)^-1/2 U_k^T
+        (x - a mu_k) from one product of [x, 1] with the (D + 1, K D) matrix [W; bias], W_k = U_k
+        diag(var_k)^-1/2; Mahalanobis sums |w_k|^2 as one more product; g = w, M = the W_k^T."""
+        U, lam = self.eigvecs.to(x), self.eigvals.to(x)
+        B, K, D = x.shape[0], self.K, self.D
+        var = a**2 * lam + s2  # (K, D)
+        isd = var.rsqrt()
+        W = U * isd[:, None, :]  # (K, D, D): column j of U_k over sqrt(var_kj)
+        bias = -a * torch.einsum("kji,kj->ki", U, self.means.to(x)) * isd  # (K, D)
+        w_aug = torch.cat([W.permute(1, 0, 2).reshape(D, K * D), bias.reshape(1, K * D)])
+        w = torch.cat([x, x.new_ones(B, 1)], 1) @ w_aug  # (B, K * D)
+        ones = torch.block_diag(*x.new_ones(K, 1, D).unbind(0))  # (K, K * D)
+        logn = -0.5 * (ones @ w.pow(2).T + torch.log(var).sum(-1)[:, None] + D * math.log(2 * math.pi))
+        return logn, (w.view(B, K, D) if want_score else None), W.permute(0, 2, 1).reshape(K * D, D)
+
+    @staticmethod
+    def _back(r: Tensor, g: Tensor, back: Tensor | None) -> Tensor:
+        """sum_k r_k (g_k M_k) for weights r (K, B), terms g (B, K, D) and M (K D, D) (None: identity): (B, D)."""
+        rg = g * r.T.contiguous()[:, :, None]
+        return rg.sum(1) if back is None else rg.reshape(g.shape[0], -1) @ back
 
     def _flat(self, x: Tensor) -> Tensor:
         check_tensor("x", x, 2)
@@ -221,8 +236,8 @@ class GaussianMixture:
         log_w = torch.log(self.weights.to(x))
 
         def block(x: Tensor, a: Tensor, s2: Tensor) -> Tensor:
-            logn, g = self._terms(x, a, s2, want_score=True)  # (K, B): softmax over K is fast along dim 0
-            return self._from_eigenbasis(-torch.softmax(logn + log_w[:, None], dim=0), g)
+            logn, g, back = self._terms(x, a, s2, want_score=True)  # (K, B): softmax over K is fast along dim 0
+            return self._back(-torch.softmax(logn + log_w[:, None], dim=0), g, back)
 
         return self._by_rows(block, flat, *self._at(flat, sde, t)).reshape(x.shape)
 
