@@ -119,7 +119,10 @@ def _errors(m, c, wt, post) -> dict[str, float]:
 
 def _prior_twist(gm: GaussianMixture, mask: torch.Tensor, kind: str) -> dict:
     """smc_inverse's prior-corrected twist from the prior's moments (what a user estimates from training data):
-    its mean and per-coordinate std ("prior") or the rms std of the observed coordinates ("prior-iso")."""
+    its mean and full covariance ("prior-cov"), per-coordinate std ("prior") or the rms std of the observed
+    coordinates ("prior-iso")."""
+    if kind == "prior-cov":
+        return {"prior_mean": gm.mean(), "prior_cov": gm.covariance()}
     var = gm.covariance().diag()
     std = var.sqrt() if kind == "prior" else var[mask == 1].mean().sqrt().item()
     return {"prior_mean": gm.mean(), "prior_std": std}
@@ -156,7 +159,8 @@ def _run_method(method: str, gm, sde, mask, y0, K: int, R: int, args, g) -> tupl
 
 def ksweep_table(args) -> None:
     sdes = {"VP": VPSDE(), "sub-VP": SubVPSDE(), "VE": VESDE(sigma_max=10.0)}
-    print(f"SMC: {args.n} particles per row in R = N / K filters ({args.twist} twist, {args.chunk} particles per "
+    filters = f"R = {args.filters}" if args.filters else f"{args.n} particles per row in R = N / K"
+    print(f"SMC: {filters} filters ({args.twist} twist, {args.chunk} particles per "
           f"call); baselines: {args.n_baseline} samples per row; {args.steps} EM steps; ESS threshold "
           f"{args.ess_threshold}; RePaint j=10, r={args.resample}\n")
     print("| problem | SDE | method | K | mean error | cov error | weight error | NFE | wall s |")
@@ -170,6 +174,7 @@ def ksweep_table(args) -> None:
             for method in args.methods:
                 for K in args.ks:
                     R = max(1, (args.n if method == "smc" else args.n_baseline) // K)
+                    R = args.filters if method == "smc" and args.filters else R
                     t0 = time.perf_counter()
                     x, w, nfe = _run_method(method, gm, sdes[sname], mask, y0, K, R, args, g)
                     e = _errors(*_estimates(x, w, post), post)
@@ -271,9 +276,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="ksweep: seed of the generator")
     p.add_argument("--sdes", nargs="+", default=["VP", "sub-VP", "VE"], choices=["VP", "sub-VP", "VE"])
     p.add_argument("--ess-threshold", type=float, default=0.5, help="SMC resampling threshold on ESS / K")
-    p.add_argument("--twist", choices=["mcgdiff", "prior", "prior-iso"], default="prior",
+    p.add_argument("--twist", choices=["mcgdiff", "prior", "prior-iso", "prior-cov"], default="prior",
                    help="SMC twist: MCGdiff's, or prior-corrected with the prior's mean and per-coordinate std "
-                        "(prior) or the rms std of the observed coordinates (prior-iso)")
+                        "(prior), the rms std of the observed coordinates (prior-iso) or the full covariance "
+                        "(prior-cov)")
+    p.add_argument("--filters", type=int, default=0, help="ksweep: SMC filters R at every K (0: R = N / K)")
     p.add_argument("--ks", dest="ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
     p.add_argument("--chunk", type=int, default=16384, help="ksweep: SMC particles per call (K x filters)")
     p.add_argument("--resample", type=int, default=5, help="RePaint passes per stretch (r)")

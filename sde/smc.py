@@ -19,6 +19,9 @@ condition, when the normalized effective sample size falls below ``ess_threshold
   exactly (given P x_0 = b the measured part diffuses independently of the rest), while p_t(x)
   g_t(x) counts the prior of P x_t a second time; the division undoes that for a Gaussian prior
   on range(P). The last step keeps g_eps (same target); the weights degenerate much less.
+  ``prior_cov`` (the data's full (d, d) covariance S) divides by N(P x; alpha_t P prior_mean,
+  alpha_t^2 P S P + sigma_t^2 P) instead: the measured block's correlations too (for any orthogonal
+  P, not only masks); the twist is then exp(-x^T L_t x / 2 + h_t^T x) with (B, d, d) matrices in float64.
 - ``smc_guidance``: a class y with a noise-conditional classifier p_t(y | x_t) as the twist and
   the classifier-guided kernel as the proposal (the twisted diffusion sampler, Wu et al. 2023).
 """
@@ -236,6 +239,7 @@ def smc_inverse(
     noise_std: float = 0.0,
     prior_std: float | Tensor | None = None,
     prior_mean: float | Tensor = 0.0,
+    prior_cov: Tensor | None = None,
     denoise_final: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
@@ -244,7 +248,7 @@ def smc_inverse(
     """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with the EM kernel.
 
     Twist g_t(x) = N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2, or its
-    prior-corrected form (``prior_std``, see the module docstring). Proposal: the EM kernel N(m, v I)
+    prior-corrected form (``prior_std`` or ``prior_cov``, see the module docstring). Proposal: the EM kernel N(m, v I)
     times the twist (closed form on range(P), the kernel elsewhere); the weight depends on x_t only, so
     particles are reweighted and resampled before they move. The last step targets p_model(x_eps)
     g_eps(x_eps) -> p(x_0 | b); the final Tweedie denoise and projection keep P x = b exactly.
@@ -260,7 +264,12 @@ def smc_inverse(
         noise_std: std of Gaussian noise on the measured part (0 = exact measurement).
         prior_std: the data's std per measured coordinate (> noise_std; a float or a tensor broadcasting
             against the target; a rough value does: the target does not depend on it); None: MCGdiff's twist.
-        prior_mean: the data's mean (a float or a tensor broadcasting against the target), with prior_std.
+        prior_mean: the data's mean (a float or a tensor broadcasting against the target), with prior_std
+            or prior_cov.
+        prior_cov: the data's (d, d) covariance, d = numel of one target row (flattened in row-major
+            order): the prior-corrected twist with the full covariance of the measured part, P prior_cov P
+            (symmetric, smallest eigenvalue > noise_std^2; costs O(d^3) per step and condition, for
+            vectors and small images); exclusive with prior_std; None: not used.
         denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call) and the projection.
         generator: source of all randomness (prior, moves, resampling).
         callback: ``callback(info)`` after each step: "i", "t", "x" (B, K, ...), "ess" (B,), "resampled" (B,).
@@ -272,14 +281,19 @@ def smc_inverse(
     Raises:
         ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps outside (0, T),
             noise_std < 0, prior_std <= noise_std, a prior_std / prior_mean that does not broadcast
-            against the target, or a target that is not a float tensor.
+            against the target, prior_cov not a symmetric (d, d) tensor with eigenvalues > noise_std^2,
+            both prior_std and prior_cov, or a target that is not a float tensor.
     """
     P, ts, bk = _inverse_setup(sde, constraint, particles, ess_threshold, steps, eps, noise_std)
-    K, twist = particles, _twist(sde, P, bk, noise_std, prior_std, prior_mean, ts[-1])
+    K = particles
+    if prior_cov is not None:
+        twist = _cov_twist(sde, P, bk, K, noise_std, prior_std, prior_cov, prior_mean, ts[-1])
+    else:
+        twist = _DiagTwist(P, _twist(sde, P, bk, noise_std, prior_std, prior_mean, ts[-1]))
     calls = [0]
-    state, log_w, weigh, move = _inverse_filter(score_fn, sde, P, bk, twist, ts[0], K, generator, calls)
+    state, log_w, weigh, move = _inverse_filter(score_fn, sde, bk, twist, ts[0], K, generator, calls)
     options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
-                   prior_std=prior_std, prior_mean=prior_mean, denoise_final=denoise_final)
+                   prior_std=prior_std, prior_mean=prior_mean, prior_cov=prior_cov, denoise_final=denoise_final)
     return _sample(state, log_w, ts, weigh, move, score_fn=score_fn, sde=sde, K=K, ess_threshold=ess_threshold,
                    denoise_final=denoise_final, calls=calls, generator=generator, callback=callback, progress=progress,
                    options=options, fix=(lambda x: x - P(x) + bk) if noise_std == 0 else None)
@@ -345,33 +359,132 @@ def _sqrt(v: float | Tensor) -> float | Tensor:
     return v.sqrt() if isinstance(v, Tensor) else math.sqrt(v)
 
 
-def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, twist: Twist, t0: float,
-                    K: int, generator, calls: list[int]) -> tuple[State, Tensor, Weigh, Move]:
-    """``smc_inverse``'s prior particles and their (K, B) log weights (the twist at t0), its reweighting and move."""
+class _DiagTwist:
+    """MCGdiff's (or the per-coordinate prior-corrected) twist N(P x; c_t, var_t I): its log density and the
+    locally optimal move (the EM kernel N(m, v I) times the twist at s)."""
 
-    def log_g(x: Tensor, t: float, v: float = 0.0) -> Tensor:  # log N(P x; center_t, (v + var_t) I) + const
-        c, var = twist(t)
+    def __init__(self, P: Callable[[Tensor], Tensor], twist: Twist):
+        self.P, self.twist = P, twist
+
+    def log_g(self, x: Tensor, t: float, v: float = 0.0) -> Tensor:  # log N(P x; c_t, (v + var_t) I) + const
+        c, var = self.twist(t)
         if isinstance(var, Tensor):  # a per-coordinate prior_std
-            return -((P(x) - c).pow(2) / (v + var)).flatten(1).sum(1) / 2
-        return -(P(x) - c).flatten(1).pow(2).sum(1) / (2 * (v + var))
+            return -((self.P(x) - c).pow(2) / (v + var)).flatten(1).sum(1) / 2
+        return -(self.P(x) - c).flatten(1).pow(2).sum(1) / (2 * (v + var))
+
+    def propose(self, m: Tensor, v: float, s: float, z: Tensor) -> Tensor:
+        c, rs2 = self.twist(s)
+        known = (rs2 * self.P(m) + v * c) / (v + rs2) + _sqrt(v * rs2 / (v + rs2)) * self.P(z)
+        free = m + math.sqrt(v) * z
+        return free - self.P(free) + known
+
+
+def _inverse_filter(score_fn: ScoreFn, sde: SDE, bk: Tensor, twist: Any, t0: float, K: int, generator,
+                    calls: list[int]) -> tuple[State, Tensor, Weigh, Move]:
+    """``smc_inverse``'s prior particles and their (K, B) log weights (the twist at t0), its reweighting and move:
+    ``twist.log_g(x, t, v)`` is log of the twist at t smoothed by N(0, v I), ``twist.propose(m, v, s, z)`` the move."""
 
     def weigh(st: State, t: float, s: float) -> tuple[State, Tensor]:
         x = st["x"]
         score = score_fn(x, _times(t, x))
         calls[0] += 1
         m, v = _em_kernel(sde, score, x, t, s)
-        return {"x": x, "m": m}, log_g(m, s, v) - log_g(x, t)
+        return {"x": x, "m": m}, twist.log_g(m, s, v) - twist.log_g(x, t)
 
     def move(st: State, t: float, s: float) -> State:
         m, v = st["m"], _em_var(sde, t, s, st["m"])
         z = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
-        c, rs2 = twist(s)
-        known = (rs2 * P(m) + v * c) / (v + rs2) + _sqrt(v * rs2 / (v + rs2)) * P(z)
-        free = m + math.sqrt(v) * z
-        return {"x": free - P(free) + known}
+        return {"x": twist.propose(m, v, s, z)}
 
     x = sde.prior_sampling(bk.shape, generator=generator, device=bk.device, dtype=bk.dtype)
-    return {"x": x}, log_g(x, t0).view(K, -1), weigh, move
+    return {"x": x}, twist.log_g(x, t0).view(K, -1), weigh, move
+
+
+# -- the full-covariance prior-corrected twist ---------------------------------------------------------
+def _cov_twist(sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, K: int, noise_std: float,
+               prior_std: Any, prior_cov: Any, prior_mean: float | Tensor, eps: float) -> _CovTwist:
+    """The checked ``prior_cov`` twist: (B, d, d) projector matrices of the B conditions, the prior mean (B, d)."""
+    if prior_std is not None:
+        raise ValueError(f"give prior_std (a diagonal prior) or prior_cov (a full one), not both; got prior_std="
+                         f"{prior_std!r} and prior_cov of shape {tuple(getattr(prior_cov, 'shape', ()))}")
+    B, d = bk.shape[0] // K, bk[0].numel()
+    cov = _check_prior_cov(prior_cov, d, noise_std, bk)
+    eye = torch.eye(d, dtype=torch.float64, device=bk.device).repeat_interleave(B, 0)  # row i * B + b: e_i
+    Pm = P(eye.to(bk.dtype).view(d * B, *bk.shape[1:])).reshape(d, B, d).transpose(0, 1).double()  # (B, d, d)
+    mu = _broadcast("prior_mean", prior_mean, bk[:B]).reshape(B, d).double()
+    return _CovTwist(sde, Pm, bk[:B].reshape(B, d).double(), cov, mu, noise_std, eps, K)
+
+
+def _check_prior_cov(prior_cov: Any, d: int, noise_std: float, like: Tensor) -> Tensor:
+    """``prior_cov`` as a float64 (d, d) tensor: finite, symmetric, eigenvalues > noise_std^2."""
+    if not isinstance(prior_cov, Tensor):
+        raise TypeError(f"prior_cov must be a (d, d) torch.Tensor or None, got {type(prior_cov).__name__}")
+    if tuple(prior_cov.shape) != (d, d):
+        raise ValueError(f"prior_cov must have shape (d, d) = ({d}, {d}) (d = numel of one target row), "
+                         f"got {tuple(prior_cov.shape)}")
+    cov = prior_cov.to(device=like.device, dtype=torch.float64)
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError("prior_cov must be finite, got non-finite entries")
+    asym = (cov - cov.T).abs().max().item()
+    if asym > 1e-8 * max(cov.abs().max().item(), 1e-300):
+        raise ValueError(f"prior_cov must be symmetric, got max |C - C^T| = {asym:.3g}")
+    low = torch.linalg.eigvalsh(cov).min().item()
+    if not low > noise_std**2:
+        raise ValueError(f"prior_cov must be positive definite with eigenvalues > noise_std^2 = {noise_std**2:.3g} "
+                         f"(then the division is a Gaussian), got smallest eigenvalue {low:.3g}")
+    return cov
+
+
+class _CovTwist:
+    """The prior-corrected twist with a full covariance S: N(P x; alpha b, r^2 P) / N(P x; alpha P mu,
+    alpha^2 P S P + sigma^2 P) = exp(-x^T L x / 2 + h^T x) on range(P), with (M = alpha^2 P S P + sigma^2 I
+    commutes with P, so P M^-1 P is the pseudo-inverse of M on range(P))
+    L = P / r^2 - P M^-1 P and h = alpha (b / r^2 - P M^-1 P mu); at eps M^-1 is dropped (same target).
+    Matrices per condition (B, d, d) in float64; particles (K * B, ...) row k * B + b."""
+
+    def __init__(self, sde: SDE, Pm: Tensor, b: Tensor, cov: Tensor, mu: Tensor, noise_std: float, eps: float,
+                 K: int):
+        self.sde, self.Pm, self.b, self.mu, self.noise2, self.eps, self.K = sde, Pm, b, mu, noise_std**2, eps, K
+        self.PSP = Pm @ cov @ Pm
+        self.quad = functools.lru_cache(maxsize=2)(self._quad)  # each step asks for t and s: once per grid time
+        self.smooth = functools.lru_cache(maxsize=2)(self._smooth)
+
+    def _quad(self, t: float) -> tuple[Tensor, Tensor]:
+        """(L_t (B, d, d), h_t (B, d))."""
+        a, s = _a_s(self.sde, t, self.b)
+        r2 = s**2 + a**2 * self.noise2
+        L, h = self.Pm / r2, a * self.b / r2
+        if t != self.eps:
+            eye = torch.eye(self.b.shape[1], dtype=self.b.dtype, device=self.b.device)
+            A = self.Pm @ torch.linalg.solve(a**2 * self.PSP + s**2 * eye, self.Pm)  # P M^-1 P
+            L, h = L - A, h - a * (A @ self.mu[..., None])[..., 0]
+        return (L + L.transpose(1, 2)) / 2, h
+
+    def _smooth(self, s: float, v: float) -> tuple[Tensor, Tensor, Tensor]:
+        """W = (I + v L_s)^-1, h_s and the Cholesky factor of the move's covariance v W."""
+        L, h = self.quad(s)
+        eye = torch.eye(L.shape[1], dtype=L.dtype, device=L.device)
+        W = torch.linalg.inv(eye + v * L)
+        return W, h, torch.linalg.cholesky(v * (W + W.transpose(1, 2)) / 2)
+
+    def _rows(self, x: Tensor) -> Tensor:  # (K * B, ...) -> (K, B, d) float64
+        return x.reshape(self.K, self.b.shape[0], -1).double()
+
+    def log_g(self, x: Tensor, t: float, v: float = 0.0) -> Tensor:
+        """log of the twist at t smoothed by N(0, v I) at x: -x^T L W x / 2 + h^T W x, W = (I + v L)^-1 (+ const)."""
+        u = self._rows(x)
+        L, h = self.quad(t)
+        if v != 0.0:  # L W = W L, symmetric
+            W = self.smooth(t, v)[0]
+            L, h = L @ W, torch.einsum("bij,bj->bi", W, h)
+        out = -0.5 * (u * torch.einsum("bij,kbj->kbi", L, u)).sum(-1) + (h * u).sum(-1)
+        return out.reshape(-1).to(x.dtype)
+
+    def propose(self, m: Tensor, v: float, s: float, z: Tensor) -> Tensor:
+        """N(W (m + v h_s), v W): the EM kernel N(m, v I) times the twist at s."""
+        W, h, C = self.smooth(s, v)
+        mean = torch.einsum("bij,kbj->kbi", W, self._rows(m) + v * h)
+        return (mean + torch.einsum("bij,kbj->kbi", C, self._rows(z))).reshape(m.shape).to(m.dtype)
 
 
 # -- class guidance ------------------------------------------------------------------------------
