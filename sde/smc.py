@@ -247,11 +247,8 @@ def smc_inverse(
 ) -> SMCResult:
     """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with the EM kernel.
 
-    Twist g_t(x) = N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2, or its
-    prior-corrected form (``prior_std`` or ``prior_cov``, see the module docstring). Proposal: the EM kernel N(m, v I)
-    times the twist (closed form on range(P), the kernel elsewhere); the weight depends on x_t only, so
-    particles are reweighted and resampled before they move. The last step targets p_model(x_eps)
-    g_eps(x_eps) -> p(x_0 | b); the final Tweedie denoise and projection keep P x = b exactly.
+    Twist N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2, or prior-corrected (``prior_std`` /
+    ``prior_cov``; module docstring); proposal: EM kernel x twist; the final denoise and projection keep P x = b.
 
     Args:
         score_fn: unconditional score ``(x, t)``; called on batches of K * B particles.
@@ -262,14 +259,11 @@ def smc_inverse(
         steps: reverse EM steps on a uniform grid from T to eps.
         eps: end time (default 1e-3; 1e-5 for VE).
         noise_std: std of Gaussian noise on the measured part (0 = exact measurement).
-        prior_std: the data's std per measured coordinate (> noise_std; a float or a tensor broadcasting
-            against the target; a rough value does: the target does not depend on it); None: MCGdiff's twist.
-        prior_mean: the data's mean (a float or a tensor broadcasting against the target), with prior_std
-            or prior_cov.
-        prior_cov: the data's (d, d) covariance, d = numel of one target row (flattened in row-major
-            order): the prior-corrected twist with the full covariance of the measured part, P prior_cov P
-            (symmetric, smallest eigenvalue > noise_std^2; costs O(d^3) per step and condition, for
-            vectors and small images); exclusive with prior_std; None: not used.
+        prior_std: the data's std per measured coordinate (> noise_std; float or tensor broadcasting against the
+            target; rough values do: the target does not depend on it); None: MCGdiff's twist.
+        prior_mean: the data's mean (a float or a tensor broadcasting against the target), with prior_std / cov.
+        prior_cov: the data's (d, d) covariance (d = numel of a target row; symmetric, eigenvalues > noise_std^2):
+            the twist corrected by P prior_cov P, O(d^3) per step and condition; exclusive with prior_std; None: unused.
         denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call) and the projection.
         generator: source of all randomness (prior, moves, resampling).
         callback: ``callback(info)`` after each step: "i", "t", "x" (B, K, ...), "ess" (B,), "resampled" (B,).
@@ -279,18 +273,13 @@ def smc_inverse(
         SMCResult; ``nfe`` = steps + denoise_final.
 
     Raises:
-        ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps outside (0, T),
-            noise_std < 0, prior_std <= noise_std, a prior_std / prior_mean that does not broadcast
-            against the target, prior_cov not a symmetric (d, d) tensor with eigenvalues > noise_std^2,
-            both prior_std and prior_cov, or a target that is not a float tensor.
+        ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps outside (0, T), a non-float
+            target, noise_std < 0, prior_std <= noise_std, prior_std / prior_mean / prior_cov of a wrong shape,
+            prior_cov not symmetric or with an eigenvalue <= noise_std^2, or given with prior_std.
     """
     P, ts, bk = _inverse_setup(sde, constraint, particles, ess_threshold, steps, eps, noise_std)
-    K = particles
-    if prior_cov is not None:
-        twist = _cov_twist(sde, P, bk, K, noise_std, prior_std, prior_cov, prior_mean, ts[-1])
-    else:
-        twist = _DiagTwist(P, _twist(sde, P, bk, noise_std, prior_std, prior_mean, ts[-1]))
-    calls = [0]
+    K, calls = particles, [0]
+    twist = _make_twist(sde, P, bk, K, noise_std, prior_std, prior_mean, prior_cov, ts[-1])
     state, log_w, weigh, move = _inverse_filter(score_fn, sde, bk, twist, ts[0], K, generator, calls)
     options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
                    prior_std=prior_std, prior_mean=prior_mean, prior_cov=prior_cov, denoise_final=denoise_final)
@@ -307,6 +296,14 @@ def _inverse_setup(sde: SDE, constraint: Any, particles: int, ess_threshold: flo
     P, b = constraint
     check_tensor("constraint.target", b, 1)
     return P, _grid(sde, steps, eps), b.repeat(particles, *([1] * (b.dim() - 1)))
+
+
+def _make_twist(sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, K: int, noise_std: float, prior_std: Any,
+                prior_mean: float | Tensor, prior_cov: Any, eps: float) -> _DiagTwist | _CovTwist:
+    """``smc_inverse``'s twist: full covariance (``prior_cov``), else per coordinate or MCGdiff's."""
+    if prior_cov is not None:
+        return _cov_twist(sde, P, bk, K, noise_std, prior_std, prior_cov, prior_mean, eps)
+    return _DiagTwist(P, _twist(sde, P, bk, noise_std, prior_std, prior_mean, eps))
 
 
 Twist = Callable[[float], tuple[Tensor, float]]  # t -> (center in range(P) (K * B, ...), var): N(P x; center, var I)
