@@ -7,8 +7,10 @@ Parts (``--part``):
 - ``ksweep``: method x K x SDE on three problems with the exact (oracle) score: the correlated
   4-D Gaussian, a 2-D three-component mixture (x_1 observed) and an 8-D four-component mixture
   (4 coordinates observed). SMC runs R = N / K independent filters of K particles (one
-  condition each, batched); its estimates are the weighted ones, averaged over the R filters,
-  with Monte-Carlo standard errors from their spread. Replacement, DPS and RePaint draw the same
+  condition each, batched, ``--chunk`` particles per call); its estimates are the weighted ones,
+  averaged over the R filters, with Monte-Carlo standard errors from their spread. ``--twist``:
+  MCGdiff's twist, or the prior-corrected one with the prior's mean and std (smc_inverse's
+  ``prior_mean``, ``prior_std``; the default "prior": per coordinate). Replacement, DPS and RePaint draw the same
   number of independent samples (R conditions x K samples): their errors do not fall with K.
   Weight error: max_k |E[responsibility_k(X)] - w_k| under the posterior mixture (its exact weights).
 - ``guidance``: SMC class guidance against classifier guidance with the same (plug-in) twist:
@@ -17,7 +19,7 @@ Parts (``--part``):
   and FD-digits against t0.
 
     python experiments/bench_controllable.py --part ksweep [--n 65536 --n-baseline 16384 --steps 200]
-    python experiments/bench_controllable.py --part ksweep --methods smc --problems "mixture 8-D" --steps 800
+    python experiments/bench_controllable.py --part ksweep --methods smc --problems "mixture 8-D" --ks 256 --n 262144
     python experiments/bench_controllable.py --part bias --n 2000 --steps 300
 
 Prints Markdown tables (docs/benchmarks.md, "Controllable generation"; docs/controllable.md).
@@ -115,14 +117,38 @@ def _errors(m, c, wt, post) -> dict[str, float]:
             "w": (wt.mean(0) - post.weights).abs().max().item(), "w_se": se(wt).max().item()}
 
 
+def _prior_twist(gm: GaussianMixture, mask: torch.Tensor, kind: str) -> dict:
+    """smc_inverse's prior-corrected twist from the prior's moments (what a user estimates from training data):
+    its mean and full covariance ("prior-cov"), per-coordinate std ("prior") or the rms std of the observed
+    coordinates ("prior-iso")."""
+    if kind == "prior-cov":
+        return {"prior_mean": gm.mean(), "prior_cov": gm.covariance()}
+    var = gm.covariance().diag()
+    std = var.sqrt() if kind == "prior" else var[mask == 1].mean().sqrt().item()
+    return {"prior_mean": gm.mean(), "prior_std": std}
+
+
+def _run_smc(gm, sde, mask, y0, K: int, R: int, args, g) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """R filters of K particles, in calls of at most ``args.chunk`` particles (the same law as one call;
+    cache-sized batches run faster)."""
+    opts = {} if args.twist == "mcgdiff" else _prior_twist(gm, mask, args.twist)
+    xs, ws = [], []
+    per_call = max(1, args.chunk // K)
+    for r0 in range(0, R, per_call):
+        r = min(per_call, R - r0)
+        res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(r, -1).clone(), mask),
+                            method="smc", particles=K, ess_threshold=args.ess_threshold, steps=args.steps,
+                            generator=g, **opts)
+        xs.append(res.particles[..., mask == 0])
+        ws.append(res.log_weights.exp())
+    return torch.cat(xs), torch.cat(ws), res.nfe
+
+
 def _run_method(method: str, gm, sde, mask, y0, K: int, R: int, args, g) -> tuple[dict, int]:
     """Samples (R, K, d_U) and weights (R, K) of one method, K per condition."""
     unknown = mask == 0
     if method == "smc":
-        res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(R, -1).clone(), mask),
-                            method="smc", particles=K, ess_threshold=args.ess_threshold, steps=args.steps,
-                            generator=g)
-        return res.particles[..., unknown], res.log_weights.exp(), res.nfe
+        return _run_smc(gm, sde, mask, y0, K, R, args, g)
     opts = {"replacement": {"sampler": "euler_maruyama"}, "dps": {"sampler": "euler_maruyama", "zeta": 1.0},
             "repaint": {"jump_length": 10, "resample": args.resample}}[method]
     res = solve_inverse(gm.score_fn(sde), sde, inpainting_constraint(y0.expand(R * K, -1).clone(), mask),
@@ -133,8 +159,10 @@ def _run_method(method: str, gm, sde, mask, y0, K: int, R: int, args, g) -> tupl
 
 def ksweep_table(args) -> None:
     sdes = {"VP": VPSDE(), "sub-VP": SubVPSDE(), "VE": VESDE(sigma_max=10.0)}
-    print(f"SMC: {args.n} particles per row in R = N / K filters; baselines: {args.n_baseline} samples per row; "
-          f"{args.steps} EM steps; ESS threshold {args.ess_threshold}; RePaint j=10, r={args.resample}\n")
+    filters = f"R = {args.filters}" if args.filters else f"{args.n} particles per row in R = N / K"
+    print(f"SMC: {filters} filters ({args.twist} twist, {args.chunk} particles per "
+          f"call); baselines: {args.n_baseline} samples per row; {args.steps} EM steps; ESS threshold "
+          f"{args.ess_threshold}; RePaint j=10, r={args.resample}\n")
     print("| problem | SDE | method | K | mean error | cov error | weight error | NFE | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(args.seed)
@@ -146,6 +174,7 @@ def ksweep_table(args) -> None:
             for method in args.methods:
                 for K in args.ks:
                     R = max(1, (args.n if method == "smc" else args.n_baseline) // K)
+                    R = args.filters if method == "smc" and args.filters else R
                     t0 = time.perf_counter()
                     x, w, nfe = _run_method(method, gm, sdes[sname], mask, y0, K, R, args, g)
                     e = _errors(*_estimates(x, w, post), post)
@@ -241,13 +270,19 @@ def main() -> None:
     p.add_argument("--n-baseline", type=int, default=16384, help="ksweep: samples per row of the other methods")
     p.add_argument("--steps", type=int, default=200, help="Euler-Maruyama steps")
     p.add_argument("--zetas", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="bias: DPS strengths")
-    p.add_argument("--ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
     p.add_argument("--methods", nargs="+", default=["smc", "replacement", "dps", "repaint"])
     p.add_argument("--problems", nargs="+", default=None, choices=list(problems()),
                    help="ksweep: the problems to run (default: all three)")
     p.add_argument("--seed", type=int, default=0, help="ksweep: seed of the generator")
     p.add_argument("--sdes", nargs="+", default=["VP", "sub-VP", "VE"], choices=["VP", "sub-VP", "VE"])
     p.add_argument("--ess-threshold", type=float, default=0.5, help="SMC resampling threshold on ESS / K")
+    p.add_argument("--twist", choices=["mcgdiff", "prior", "prior-iso", "prior-cov"], default="prior",
+                   help="SMC twist: MCGdiff's, or prior-corrected with the prior's mean and per-coordinate std "
+                        "(prior), the rms std of the observed coordinates (prior-iso) or the full covariance "
+                        "(prior-cov)")
+    p.add_argument("--filters", type=int, default=0, help="ksweep: SMC filters R at every K (0: R = N / K)")
+    p.add_argument("--ks", dest="ks", type=int, nargs="+", default=[4, 16, 64, 256], help="particles per condition")
+    p.add_argument("--chunk", type=int, default=16384, help="ksweep: SMC particles per call (K x filters)")
     p.add_argument("--resample", type=int, default=5, help="RePaint passes per stretch (r)")
     p.add_argument("--train-steps", type=int, default=3000, help="sdedit: score-model training steps")
     p.add_argument("--n-edit", type=int, default=360, help="sdedit: test digits edited")

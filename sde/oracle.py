@@ -16,10 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_all_finite, check_int, check_sde, check_tensor
+from ._checks import as_time, check_all_finite, check_int, check_sde, check_tensor, shared_time
 from .sdes import SDE
 
 __all__ = ["GaussianMixture"]
+
+_BLOCK = 2**18  # numbers per (rows, K, D) intermediate of one block of rows in score / log_prob
 
 
 class GaussianMixture:
@@ -136,21 +138,56 @@ class GaussianMixture:
         x = self.means[labels] + z
         return (x, labels) if return_labels else x
 
-    def _terms(self, x: Tensor, a: Tensor, s2: Tensor, want_score: bool) -> tuple[Tensor, Tensor | None]:
-        """Per-component log densities (B, K) and, if asked, score terms (B, K, D)."""
+    def _terms(self, x: Tensor, a: Tensor, s2: Tensor, want_score: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Per-component log densities, transposed (K, B); if asked, per-component score terms g
+        (B, K, D) and the (K D, D) matrix M (None: identity) with score = -sum_k r_k (g_k M_k).
+
+        ``a`` and ``s2`` are (B,) or (1,): with one time for the batch the variances and
+        log-determinants are computed once, (1, K, D), not per row, and a full-covariance mixture
+        takes ``_terms_shared``'s whitened matrix products. Otherwise all K components rotate in one
+        product, U_k^T (x - a mu_k) = (x U)_k - a U_k^T mu_k, and g_k = C_k(t)^-1 (x - a mu_k) in the
+        eigenbasis (M = the U_k^T).
+        """
+        if self.eigvecs is not None and a.shape[0] == 1:
+            return self._terms_shared(x, a, s2, want_score)
         means, lam = self.means.to(x), self.eigvals.to(x)
-        U = None if self.eigvecs is None else self.eigvecs.to(x)
-        var = a[:, None, None] ** 2 * lam[None] + s2[:, None, None]  # (B, K, D) eigenvalues of C_k(t)
-        diff = x[:, None, :] - a[:, None, None] * means[None]  # (B, K, D)
-        rot = diff if U is None else torch.einsum("kji,bkj->bki", U, diff)  # U_k^T diff
-        maha = (rot.pow(2) / var).sum(-1)
-        logdet = torch.log(var).sum(-1)
-        logn = -0.5 * (maha + logdet + self.D * math.log(2 * math.pi))
-        if not want_score:
-            return logn, None
-        g = -rot / var
-        g = g if U is None else torch.einsum("kij,bkj->bki", U, g)
-        return logn, g
+        B, K, D = x.shape[0], self.K, self.D
+        var = a[:, None, None] ** 2 * lam[None] + s2[:, None, None]  # (B or 1, K, D) eigenvalues of C_k(t)
+        back = None
+        if self.eigvecs is None:
+            rot = x[:, None, :] - a[:, None, None] * means[None]  # (B, K, D)
+        else:
+            U = self.eigvecs.to(x)
+            mu_rot = torch.einsum("kji,kj->ki", U, means)  # U_k^T mu_k, (K, D)
+            bias = (-a[:, None, None] * mu_rot[None]).reshape(-1, K * D)  # (B, K * D)
+            rot = torch.addmm(bias, x, U.permute(1, 0, 2).reshape(D, K * D)).view(B, K, D)
+            back = U.permute(0, 2, 1).reshape(K * D, D)
+        inv = 1.0 / var
+        maha = (rot.pow(2) * inv).sum(-1).T
+        logn = -0.5 * (maha + torch.log(var).sum(-1).T + D * math.log(2 * math.pi))  # (K, B)
+        return logn, (rot * inv if want_score else None), back
+
+    def _terms_shared(self, x: Tensor, a: Tensor, s2: Tensor, want_score: bool):
+        """``_terms`` for one time and full covariances: whitened residuals w_k = diag(var_k)^-1/2 U_k^T
+        (x - a mu_k) from one product of [x, 1] with the (D + 1, K D) matrix [W; bias], W_k = U_k
+        diag(var_k)^-1/2; Mahalanobis sums |w_k|^2 as one more product; g = w, M = the W_k^T."""
+        U, lam = self.eigvecs.to(x), self.eigvals.to(x)
+        B, K, D = x.shape[0], self.K, self.D
+        var = a**2 * lam + s2  # (K, D)
+        isd = var.rsqrt()
+        W = U * isd[:, None, :]  # (K, D, D): column j of U_k over sqrt(var_kj)
+        bias = -a * torch.einsum("kji,kj->ki", U, self.means.to(x)) * isd  # (K, D)
+        w_aug = torch.cat([W.permute(1, 0, 2).reshape(D, K * D), bias.reshape(1, K * D)])
+        w = torch.cat([x, x.new_ones(B, 1)], 1) @ w_aug  # (B, K * D)
+        ones = torch.block_diag(*x.new_ones(K, 1, D).unbind(0))  # (K, K * D)
+        logn = -0.5 * (ones @ w.pow(2).T + torch.log(var).sum(-1)[:, None] + D * math.log(2 * math.pi))
+        return logn, (w.view(B, K, D) if want_score else None), W.permute(0, 2, 1).reshape(K * D, D)
+
+    @staticmethod
+    def _back(r: Tensor, g: Tensor, back: Tensor | None) -> Tensor:
+        """sum_k r_k (g_k M_k) for weights r (K, B), terms g (B, K, D) and M (K D, D) (None: identity): (B, D)."""
+        rg = g * r.T.contiguous()[:, :, None]
+        return rg.sum(1) if back is None else rg.reshape(g.shape[0], -1) @ back
 
     def _flat(self, x: Tensor) -> Tensor:
         check_tensor("x", x, 2)
@@ -161,16 +198,28 @@ class GaussianMixture:
 
     def _at(self, x: Tensor, sde: SDE | None, t: float | Tensor | None) -> tuple[Tensor, Tensor]:
         if sde is None:
-            one = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+            one = torch.ones(1, dtype=x.dtype, device=x.device)
             return one, torch.zeros_like(one)
         check_sde(sde)
-        tt = as_time(0.0 if t is None else t, x, sde.T)
+        tt = shared_time(as_time(0.0 if t is None else t, x, sde.T))  # (1,) when one time is shared
         return sde.alpha(tt), sde.sigma(tt) ** 2
+
+    def _by_rows(self, fn: Callable[[Tensor, Tensor, Tensor], Tensor], flat: Tensor, a: Tensor, s2: Tensor) -> Tensor:
+        """``fn(x, a, s2)`` on blocks of rows whose (rows, K, D) intermediates stay cache-sized
+        (about 2^18 numbers: 3-4x faster than one pass on 2^18 rows x 32), concatenated.
+        Rows are independent, so the result is the one-pass result."""
+        rows = max(1, _BLOCK // (self.K * self.D))
+        if flat.shape[0] <= rows:
+            return fn(flat, a, s2)
+        per_row = a.shape[0] > 1
+        return torch.cat([fn(flat[i : i + rows], a[i : i + rows] if per_row else a, s2[i : i + rows] if per_row else s2)
+                          for i in range(0, flat.shape[0], rows)])
 
     def component_log_prob(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
         """log w_k + log N_k(x) of each component of p_t (p_0 without ``sde``), shape (B, K)."""
         flat = self._flat(x)
-        logn, _ = self._terms(flat, *self._at(flat, sde, t), want_score=False)
+        logn = self._by_rows(lambda x, a, s2: self._terms(x, a, s2, want_score=False)[0].T, flat,
+                             *self._at(flat, sde, t))
         return logn + torch.log(self.weights.to(x))
 
     def log_prob(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
@@ -184,9 +233,13 @@ class GaussianMixture:
     def score(self, x: Tensor, sde: SDE | None = None, t: float | Tensor | None = None) -> Tensor:
         """grad_x log p_t(x), shaped like x."""
         flat = self._flat(x)
-        logn, g = self._terms(flat, *self._at(flat, sde, t), want_score=True)
-        r = torch.softmax(logn + torch.log(self.weights.to(x)), dim=1)
-        return torch.einsum("bk,bkd->bd", r, g).reshape(x.shape)
+        log_w = torch.log(self.weights.to(x))
+
+        def block(x: Tensor, a: Tensor, s2: Tensor) -> Tensor:
+            logn, g, back = self._terms(x, a, s2, want_score=True)  # (K, B): softmax over K is fast along dim 0
+            return self._back(-torch.softmax(logn + log_w[:, None], dim=0), g, back)
+
+        return self._by_rows(block, flat, *self._at(flat, sde, t)).reshape(x.shape)
 
     def score_fn(self, sde: SDE) -> Callable[[Tensor, Tensor], Tensor]:
         """The exact score of the diffused marginal, as a ``score_fn(x, t)``."""

@@ -13,13 +13,22 @@ condition, when the normalized effective sample size falls below ``ess_threshold
   super-resolution; optional noise on range(P)). Twist g_t(x) = N(P x; alpha_t b, r_t^2 I) with
   r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2, the law of the noised measurement (MCGdiff, Cardoso
   et al. 2023, noiseless and noisy cases). Kernel and twist are Gaussian, so the locally optimal
-  proposal and its weight are closed form (a fully adapted filter).
+  proposal and its weight are closed form (a fully adapted filter). Prior-corrected twist
+  (``prior_std``, ``prior_mean``): g_t(x) / N(P x; alpha_t prior_mean, alpha_t^2 prior_std^2 +
+  sigma_t^2), again Gaussian on range(P). The posterior path has P x_t ~ N(alpha_t b, r_t^2)
+  exactly (given P x_0 = b the measured part diffuses independently of the rest), while p_t(x)
+  g_t(x) counts the prior of P x_t a second time; the division undoes that for a Gaussian prior
+  on range(P). The last step keeps g_eps (same target); the weights degenerate much less.
+  ``prior_cov`` (the data's full (d, d) covariance S) divides by N(P x; alpha_t P prior_mean,
+  alpha_t^2 P S P + sigma_t^2 P) instead: the measured block's correlations too (for any orthogonal
+  P, not only masks); the twist is then exp(-x^T L_t x / 2 + h_t^T x) with (B, d, d) matrices in float64.
 - ``smc_guidance``: a class y with a noise-conditional classifier p_t(y | x_t) as the twist and
   the classifier-guided kernel as the proposal (the twisted diffusion sampler, Wu et al. 2023).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,9 +94,18 @@ def systematic_resample(log_w: Tensor, generator: torch.Generator | None = None)
     Returns:
         (K, B) ancestor indices in [0, K): column b holds, in order, the particles copied.
     """
-    K, B = log_w.shape
+    return _systematic_indices(log_w, _offsets(log_w, generator))
+
+
+def _offsets(log_w: Tensor, generator: torch.Generator | None) -> Tensor:
+    """The (B, 1) uniform offsets of systematic resampling, one per column of (K, B) log weights."""
+    return torch.rand(log_w.shape[1], 1, generator=generator, device=log_w.device, dtype=torch.float64)
+
+
+def _systematic_indices(log_w: Tensor, u: Tensor) -> Tensor:
+    """(K, B) ancestors of systematic resampling with offsets u (B, 1): searchsorted on the weights' CDF."""
+    K = log_w.shape[0]
     cdf = torch.cumsum(torch.softmax(log_w.double(), dim=0), dim=0).T.contiguous()  # (B, K)
-    u = torch.rand(B, 1, generator=generator, device=log_w.device, dtype=torch.float64)
     pos = (u + torch.arange(K, device=log_w.device, dtype=torch.float64)) / K  # (B, K), sorted
     return torch.searchsorted(cdf, pos).clamp_max(K - 1).T
 
@@ -97,11 +115,13 @@ def _resample(state: State, log_w: Tensor, threshold: float, generator) -> tuple
     K, B = log_w.shape
     ess = effective_sample_size(log_w)
     need = ess < threshold
-    anc = systematic_resample(log_w, generator)  # drawn every step: the generator's use never depends on data
+    u = _offsets(log_w, generator)  # drawn every step: the generator's use never depends on data
+    if not bool(need.any()):
+        return state, log_w, ess, need
     keep = torch.arange(K, device=log_w.device)[:, None].expand(K, B)
-    anc = torch.where(need[None], anc, keep)
-    cols = torch.arange(B, device=log_w.device)[None].expand(K, B)
-    state = {k: v.view(K, B, *v.shape[1:])[anc, cols].reshape(v.shape) for k, v in state.items()}
+    anc = torch.where(need[None], _systematic_indices(log_w, u), keep)
+    rows = (anc * B + torch.arange(B, device=log_w.device)).reshape(-1)  # row k * B + b of the state
+    state = {k: v.index_select(0, rows) for k, v in state.items()}
     log_w = torch.where(need[None], torch.zeros_like(log_w), log_w)
     return state, log_w, ess, need
 
@@ -217,6 +237,9 @@ def smc_inverse(
     steps: int = 500,
     eps: float | None = None,
     noise_std: float = 0.0,
+    prior_std: float | Tensor | None = None,
+    prior_mean: float | Tensor = 0.0,
+    prior_cov: Tensor | None = None,
     denoise_final: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
@@ -224,13 +247,8 @@ def smc_inverse(
 ) -> SMCResult:
     """SMC for P x_0 = b (+ noise): MCGdiff (Cardoso et al. 2023, Alg. 1) with the EM kernel.
 
-    Twist g_t(x) = N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2. With the
-    EM kernel N(m, v I), the proposal is the kernel times g_s (closed form: the known part is
-    N((r_s^2 P m + v alpha_s b) / (v + r_s^2), v r_s^2 / (v + r_s^2)), the rest moves as the
-    kernel) and the incremental weight N(P m; alpha_s b, (v + r_s^2) I) / g_t(x_t) depends on x_t
-    only, so particles are reweighted and resampled before they move. The last step targets
-    p_model(x_eps) g_eps(x_eps) -> p(x_0 | b) as eps -> 0 (noiseless: P x_eps pinned to alpha b
-    within sigma_eps); the final Tweedie denoise and projection keep P x = b exactly.
+    Twist N(P x; alpha_t b, r_t^2 I), r_t^2 = sigma_t^2 + alpha_t^2 noise_std^2, or prior-corrected (``prior_std`` /
+    ``prior_cov``; module docstring); proposal: EM kernel x twist; the final denoise and projection keep P x = b.
 
     Args:
         score_fn: unconditional score ``(x, t)``; called on batches of K * B particles.
@@ -241,6 +259,11 @@ def smc_inverse(
         steps: reverse EM steps on a uniform grid from T to eps.
         eps: end time (default 1e-3; 1e-5 for VE).
         noise_std: std of Gaussian noise on the measured part (0 = exact measurement).
+        prior_std: the data's std per measured coordinate (> noise_std; float or tensor broadcasting against the
+            target; rough values do: the target does not depend on it); None: MCGdiff's twist.
+        prior_mean: the data's mean (a float or a tensor broadcasting against the target), with prior_std / cov.
+        prior_cov: the data's (d, d) covariance (d = numel of a target row; symmetric, eigenvalues > noise_std^2):
+            the twist corrected by P prior_cov P, O(d^3) per step and condition; exclusive with prior_std; None: unused.
         denoise_final: finish with Tweedie's E[x_0 | x_eps] (one more score call) and the projection.
         generator: source of all randomness (prior, moves, resampling).
         callback: ``callback(info)`` after each step: "i", "t", "x" (B, K, ...), "ess" (B,), "resampled" (B,).
@@ -250,53 +273,215 @@ def smc_inverse(
         SMCResult; ``nfe`` = steps + denoise_final.
 
     Raises:
-        ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps
-            outside (0, T), noise_std < 0, or a target that is not a float tensor.
+        ValueError / TypeError: particles < 1, ess_threshold outside (0, 1], steps < 1, eps outside (0, T), a non-float
+            target, noise_std < 0, prior_std <= noise_std, prior_std / prior_mean / prior_cov of a wrong shape,
+            prior_cov not symmetric or with an eigenvalue <= noise_std^2, or given with prior_std.
     """
-    _check_smc(particles, ess_threshold)
-    _check_noise_std(noise_std)
-    P, b = constraint
-    check_tensor("constraint.target", b, 1)
-    ts, K = _grid(sde, steps, eps), particles
-    bk = b.repeat(K, *([1] * (b.dim() - 1)))  # (K * B, ...)
-    calls = [0]
-    state, log_w, weigh, move = _inverse_filter(score_fn, sde, P, b, bk, noise_std, ts[0], K, generator, calls)
+    P, ts, bk = _inverse_setup(sde, constraint, particles, ess_threshold, steps, eps, noise_std)
+    K, calls = particles, [0]
+    twist = _make_twist(sde, P, bk, K, noise_std, prior_std, prior_mean, prior_cov, ts[-1])
+    state, log_w, weigh, move = _inverse_filter(score_fn, sde, bk, twist, ts[0], K, generator, calls)
     options = dict(particles=K, ess_threshold=ess_threshold, steps=steps, eps=ts[-1], noise_std=noise_std,
-                   denoise_final=denoise_final)
+                   prior_std=prior_std, prior_mean=prior_mean, prior_cov=prior_cov, denoise_final=denoise_final)
     return _sample(state, log_w, ts, weigh, move, score_fn=score_fn, sde=sde, K=K, ess_threshold=ess_threshold,
                    denoise_final=denoise_final, calls=calls, generator=generator, callback=callback, progress=progress,
                    options=options, fix=(lambda x: x - P(x) + bk) if noise_std == 0 else None)
 
 
-def _inverse_filter(score_fn: ScoreFn, sde: SDE, P: Callable[[Tensor], Tensor], b: Tensor, bk: Tensor,
-                    noise_std: float, t0: float, K: int, generator,
+def _inverse_setup(sde: SDE, constraint: Any, particles: int, ess_threshold: float, steps: int, eps: float | None,
+                   noise_std: float) -> tuple[Callable[[Tensor], Tensor], list[float], Tensor]:
+    """``smc_inverse``'s checks, then P, the grid and the target repeated for the K particles, (K * B, ...)."""
+    _check_smc(particles, ess_threshold)
+    _check_noise_std(noise_std)
+    P, b = constraint
+    check_tensor("constraint.target", b, 1)
+    return P, _grid(sde, steps, eps), b.repeat(particles, *([1] * (b.dim() - 1)))
+
+
+def _make_twist(sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, K: int, noise_std: float, prior_std: Any,
+                prior_mean: float | Tensor, prior_cov: Any, eps: float) -> _DiagTwist | _CovTwist:
+    """``smc_inverse``'s twist: full covariance (``prior_cov``), else per coordinate or MCGdiff's."""
+    if prior_cov is not None:
+        return _cov_twist(sde, P, bk, K, noise_std, prior_std, prior_cov, prior_mean, eps)
+    return _DiagTwist(P, _twist(sde, P, bk, noise_std, prior_std, prior_mean, eps))
+
+
+Twist = Callable[[float], tuple[Tensor, float]]  # t -> (center in range(P) (K * B, ...), var): N(P x; center, var I)
+
+
+def _twist(sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, noise_std: float, prior_std: float | Tensor | None,
+           prior_mean: float | Tensor, eps: float) -> Twist:
+    """``smc_inverse``'s Gaussian twist on range(P) at each time: MCGdiff's N(alpha_t b, r_t^2), or
+    with ``prior_std`` that divided by N(alpha_t prior_mean, alpha_t^2 prior_std^2 + sigma_t^2) (not at eps)."""
+    if prior_std is not None:
+        mu = P(_broadcast("prior_mean", prior_mean, bk))
+        lam = _check_prior(prior_std, noise_std, bk) ** 2  # a float, or a (K * B, ...) tensor
+
+    @functools.lru_cache(maxsize=2)  # each step asks for t and s: computed once per grid time
+    def twist(t: float) -> tuple[Tensor, float | Tensor]:
+        a, s = _a_s(sde, t, bk)
+        r2 = s**2 + a**2 * noise_std**2
+        if prior_std is None or t == eps:
+            return a * bk, r2
+        p2 = a**2 * lam + s**2  # variance of P x_t under the Gaussian prior N(prior_mean, prior_std^2)
+        var = 1.0 / (1.0 / r2 - 1.0 / p2)
+        return var * (a / r2 * bk - a / p2 * mu), var
+
+    return twist
+
+
+def _broadcast(name: str, value: float | Tensor, like: Tensor) -> Tensor:
+    try:
+        return torch.broadcast_to(torch.as_tensor(value, dtype=like.dtype, device=like.device), like.shape)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a float or a tensor broadcasting against the target {tuple(like.shape[1:])}, "
+                         f"got shape {tuple(torch.as_tensor(value).shape)}") from None
+
+
+def _check_prior(prior_std: float | Tensor, noise_std: float, like: Tensor) -> float | Tensor:
+    """``prior_std`` checked: a float, or a tensor broadcast like the (K * B, ...) target."""
+    if isinstance(prior_std, Tensor):
+        std = _broadcast("prior_std", prior_std, like)
+        ok = bool((torch.isfinite(std) & (std > noise_std)).all())
+    else:
+        std = prior_std
+        ok = not isinstance(std, bool) and isinstance(std, (int, float)) and math.isfinite(std) and std > noise_std
+    if not ok:
+        raise ValueError(f"prior_std must be a finite number (or tensor of them) > noise_std = {noise_std} (the "
+                         f"data's std on range(P)), or None; got {prior_std!r}")
+    return std
+
+
+def _sqrt(v: float | Tensor) -> float | Tensor:
+    return v.sqrt() if isinstance(v, Tensor) else math.sqrt(v)
+
+
+class _DiagTwist:
+    """MCGdiff's (or the per-coordinate prior-corrected) twist N(P x; c_t, var_t I): its log density and the
+    locally optimal move (the EM kernel N(m, v I) times the twist at s)."""
+
+    def __init__(self, P: Callable[[Tensor], Tensor], twist: Twist):
+        self.P, self.twist = P, twist
+
+    def log_g(self, x: Tensor, t: float, v: float = 0.0) -> Tensor:  # log N(P x; c_t, (v + var_t) I) + const
+        c, var = self.twist(t)
+        if isinstance(var, Tensor):  # a per-coordinate prior_std
+            return -((self.P(x) - c).pow(2) / (v + var)).flatten(1).sum(1) / 2
+        return -(self.P(x) - c).flatten(1).pow(2).sum(1) / (2 * (v + var))
+
+    def propose(self, m: Tensor, v: float, s: float, z: Tensor) -> Tensor:
+        c, rs2 = self.twist(s)
+        known = (rs2 * self.P(m) + v * c) / (v + rs2) + _sqrt(v * rs2 / (v + rs2)) * self.P(z)
+        free = m + math.sqrt(v) * z
+        return free - self.P(free) + known
+
+
+def _inverse_filter(score_fn: ScoreFn, sde: SDE, bk: Tensor, twist: Any, t0: float, K: int, generator,
                     calls: list[int]) -> tuple[State, Tensor, Weigh, Move]:
-    """``smc_inverse``'s prior particles and their (K, B) log weights (the twist g_t0), its reweighting and move."""
-
-    def r2(t: float) -> float:
-        a, s = _a_s(sde, t, b)
-        return s**2 + a**2 * noise_std**2
-
-    def log_g(x: Tensor, t: float, var: float) -> Tensor:
-        return -(P(x) - _a_s(sde, t, b)[0] * bk).flatten(1).pow(2).sum(1) / (2 * var)
+    """``smc_inverse``'s prior particles and their (K, B) log weights (the twist at t0), its reweighting and move:
+    ``twist.log_g(x, t, v)`` is log of the twist at t smoothed by N(0, v I), ``twist.propose(m, v, s, z)`` the move."""
 
     def weigh(st: State, t: float, s: float) -> tuple[State, Tensor]:
         x = st["x"]
         score = score_fn(x, _times(t, x))
         calls[0] += 1
         m, v = _em_kernel(sde, score, x, t, s)
-        return {"x": x, "m": m}, log_g(m, s, v + r2(s)) - log_g(x, t, r2(t))
+        return {"x": x, "m": m}, twist.log_g(m, s, v) - twist.log_g(x, t)
 
     def move(st: State, t: float, s: float) -> State:
         m, v = st["m"], _em_var(sde, t, s, st["m"])
         z = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
-        rs2 = r2(s)
-        known = (rs2 * P(m) + v * _a_s(sde, s, b)[0] * bk) / (v + rs2) + math.sqrt(v * rs2 / (v + rs2)) * P(z)
-        free = m + math.sqrt(v) * z
-        return {"x": free - P(free) + known}
+        return {"x": twist.propose(m, v, s, z)}
 
-    x = sde.prior_sampling(bk.shape, generator=generator, device=b.device, dtype=b.dtype)
-    return {"x": x}, log_g(x, t0, r2(t0)).view(K, -1), weigh, move
+    x = sde.prior_sampling(bk.shape, generator=generator, device=bk.device, dtype=bk.dtype)
+    return {"x": x}, twist.log_g(x, t0).view(K, -1), weigh, move
+
+
+# -- the full-covariance prior-corrected twist ---------------------------------------------------------
+def _cov_twist(sde: SDE, P: Callable[[Tensor], Tensor], bk: Tensor, K: int, noise_std: float,
+               prior_std: Any, prior_cov: Any, prior_mean: float | Tensor, eps: float) -> _CovTwist:
+    """The checked ``prior_cov`` twist: (B, d, d) projector matrices of the B conditions, the prior mean (B, d)."""
+    if prior_std is not None:
+        raise ValueError(f"give prior_std (a diagonal prior) or prior_cov (a full one), not both; got prior_std="
+                         f"{prior_std!r} and prior_cov of shape {tuple(getattr(prior_cov, 'shape', ()))}")
+    B, d = bk.shape[0] // K, bk[0].numel()
+    cov = _check_prior_cov(prior_cov, d, noise_std, bk)
+    eye = torch.eye(d, dtype=torch.float64, device=bk.device).repeat_interleave(B, 0)  # row i * B + b: e_i
+    Pm = P(eye.to(bk.dtype).view(d * B, *bk.shape[1:])).reshape(d, B, d).transpose(0, 1).double()  # (B, d, d)
+    mu = _broadcast("prior_mean", prior_mean, bk[:B]).reshape(B, d).double()
+    return _CovTwist(sde, Pm, bk[:B].reshape(B, d).double(), cov, mu, noise_std, eps, K)
+
+
+def _check_prior_cov(prior_cov: Any, d: int, noise_std: float, like: Tensor) -> Tensor:
+    """``prior_cov`` as a float64 (d, d) tensor: finite, symmetric, eigenvalues > noise_std^2."""
+    if not isinstance(prior_cov, Tensor):
+        raise TypeError(f"prior_cov must be a (d, d) torch.Tensor or None, got {type(prior_cov).__name__}")
+    if tuple(prior_cov.shape) != (d, d):
+        raise ValueError(f"prior_cov must have shape (d, d) = ({d}, {d}) (d = numel of one target row), "
+                         f"got {tuple(prior_cov.shape)}")
+    cov = prior_cov.to(device=like.device, dtype=torch.float64)
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError("prior_cov must be finite, got non-finite entries")
+    asym = (cov - cov.T).abs().max().item()
+    if asym > 1e-8 * max(cov.abs().max().item(), 1e-300):
+        raise ValueError(f"prior_cov must be symmetric, got max |C - C^T| = {asym:.3g}")
+    low = torch.linalg.eigvalsh(cov).min().item()
+    if not low > noise_std**2:
+        raise ValueError(f"prior_cov must be positive definite with eigenvalues > noise_std^2 = {noise_std**2:.3g} "
+                         f"(then the division is a Gaussian), got smallest eigenvalue {low:.3g}")
+    return cov
+
+
+class _CovTwist:
+    """The prior-corrected twist with a full covariance S: N(P x; alpha b, r^2 P) / N(P x; alpha P mu,
+    alpha^2 P S P + sigma^2 P) = exp(-x^T L x / 2 + h^T x) on range(P), with (M = alpha^2 P S P + sigma^2 I
+    commutes with P, so P M^-1 P is the pseudo-inverse of M on range(P))
+    L = P / r^2 - P M^-1 P and h = alpha (b / r^2 - P M^-1 P mu); at eps M^-1 is dropped (same target).
+    Matrices per condition (B, d, d) in float64; particles (K * B, ...) row k * B + b."""
+
+    def __init__(self, sde: SDE, Pm: Tensor, b: Tensor, cov: Tensor, mu: Tensor, noise_std: float, eps: float,
+                 K: int):
+        self.sde, self.Pm, self.b, self.mu, self.noise2, self.eps, self.K = sde, Pm, b, mu, noise_std**2, eps, K
+        self.PSP = Pm @ cov @ Pm
+        self.quad = functools.lru_cache(maxsize=2)(self._quad)  # each step asks for t and s: once per grid time
+        self.smooth = functools.lru_cache(maxsize=2)(self._smooth)
+
+    def _quad(self, t: float) -> tuple[Tensor, Tensor]:
+        """(L_t (B, d, d), h_t (B, d))."""
+        a, s = _a_s(self.sde, t, self.b)
+        r2 = s**2 + a**2 * self.noise2
+        L, h = self.Pm / r2, a * self.b / r2
+        if t != self.eps:
+            eye = torch.eye(self.b.shape[1], dtype=self.b.dtype, device=self.b.device)
+            A = self.Pm @ torch.linalg.solve(a**2 * self.PSP + s**2 * eye, self.Pm)  # P M^-1 P
+            L, h = L - A, h - a * (A @ self.mu[..., None])[..., 0]
+        return (L + L.transpose(1, 2)) / 2, h
+
+    def _smooth(self, s: float, v: float) -> tuple[Tensor, Tensor, Tensor]:
+        """W = (I + v L_s)^-1, h_s and the Cholesky factor of the move's covariance v W."""
+        L, h = self.quad(s)
+        eye = torch.eye(L.shape[1], dtype=L.dtype, device=L.device)
+        W = torch.linalg.inv(eye + v * L)
+        return W, h, torch.linalg.cholesky(v * (W + W.transpose(1, 2)) / 2)
+
+    def _rows(self, x: Tensor) -> Tensor:  # (K * B, ...) -> (K, B, d) float64
+        return x.reshape(self.K, self.b.shape[0], -1).double()
+
+    def log_g(self, x: Tensor, t: float, v: float = 0.0) -> Tensor:
+        """log of the twist at t smoothed by N(0, v I) at x: -x^T L W x / 2 + h^T W x, W = (I + v L)^-1 (+ const)."""
+        u = self._rows(x)
+        L, h = self.quad(t)
+        if v != 0.0:  # L W = W L, symmetric
+            W = self.smooth(t, v)[0]
+            L, h = L @ W, torch.einsum("bij,bj->bi", W, h)
+        out = -0.5 * (u * torch.einsum("bij,kbj->kbi", L, u)).sum(-1) + (h * u).sum(-1)
+        return out.reshape(-1).to(x.dtype)
+
+    def propose(self, m: Tensor, v: float, s: float, z: Tensor) -> Tensor:
+        """N(W (m + v h_s), v W): the EM kernel N(m, v I) times the twist at s."""
+        W, h, C = self.smooth(s, v)
+        mean = torch.einsum("bij,kbj->kbi", W, self._rows(m) + v * h)
+        return (mean + torch.einsum("bij,kbj->kbi", C, self._rows(z))).reshape(m.shape).to(m.dtype)
 
 
 # -- class guidance ------------------------------------------------------------------------------

@@ -60,6 +60,30 @@ def test_score_is_gradient_of_log_density(sde, diagonal):
     torch.testing.assert_close(gm.score_fn(sde)(x, t), grad, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_shared_time_and_row_blocks_give_the_per_row_result(diagonal, monkeypatch):
+    """The fast paths (one time for the batch: variances once; rows in cache-sized blocks) against
+    the per-row path (a materialized (B,) time, one block)."""
+    import sde.oracle as oracle
+
+    if diagonal:
+        gm = GaussianMixture(torch.randn(3, 5, dtype=F64), stds=torch.rand(3, 5, dtype=F64) + 0.1)
+    else:
+        gm = _random_full_mixture(D=5, seed=6)
+    x = 2 * torch.randn(200, 5, generator=torch.Generator().manual_seed(7), dtype=F64)
+    sde = VPSDE()
+    shared = torch.full((1,), 0.3, dtype=F64).expand(200)  # stride 0: what samplers pass
+    ref_score, ref_logp = gm.score(x, sde, shared.clone()), gm.log_prob(x, sde, shared.clone())
+    monkeypatch.setattr(oracle, "_BLOCK", 7 * gm.K * gm.D)  # blocks of 7 rows (the last one shorter)
+    for t in (0.3, shared, shared.clone()):
+        torch.testing.assert_close(gm.score(x, sde, t), ref_score, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gm.log_prob(x, sde, t), ref_logp, rtol=1e-12, atol=1e-12)
+    per_row = torch.linspace(0.01, 1.0, 200, dtype=F64)  # blocks with per-row times, and autograd through them
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(gm.log_prob(xr, sde, per_row).sum(), xr)
+    torch.testing.assert_close(gm.score(x, sde, per_row), grad, rtol=1e-9, atol=1e-9)
+
+
 def test_score_keeps_trailing_shape_and_dtype():
     gm = GaussianMixture(torch.zeros(2, 12), stds=torch.tensor([0.5, 1.0]))
     x = torch.randn(3, 3, 2, 2)
