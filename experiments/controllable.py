@@ -218,7 +218,24 @@ def make_mask(control: DictConfig, shape: tuple[int, ...], generator: torch.Gene
         else mask.expand(b, 1, h, w)
 
 
-def _method_options(cfg: DictConfig) -> dict:
+SMC_PRIORS = ("none", "data")  # control.prior: smc_inverse's twist uncorrected (MCGdiff) or by the train split
+
+
+def _smc_prior(cfg: DictConfig, job: Job) -> dict:
+    """smc_inverse's prior correction: none, or the train split's per-pixel mean and std (std floored at
+    control.prior_floor: constant pixels, e.g. digits' borders, have std 0 and the twist needs std > 0)."""
+    from sde._checks import check_choice, check_positive
+
+    c = cfg.control
+    if check_choice("control.prior", c.get("prior", "none"), SMC_PRIORS) == "none":
+        return {}
+    floor = check_positive("control.prior_floor", c.get("prior_floor", 0.05))
+    train = load_data(job.source.data, split="train").data.to(dtype=torch.float64)
+    mean, std = train.mean(0), train.std(0).clamp_min(floor)
+    return {"prior_mean": mean.to(job.device, job.dtype), "prior_std": std.to(job.device, job.dtype)}
+
+
+def _method_options(cfg: DictConfig, job: Job) -> dict:
     """solve_inverse options of control.method: the sampler's for replacement / dps, the method's own otherwise."""
     method, c = cfg.control.method, cfg.control
     if method in ("replacement", "dps"):
@@ -227,7 +244,8 @@ def _method_options(cfg: DictConfig) -> dict:
         return {"sampler": cfg.sampler.name, "sampler_options": options,
                 **({"zeta": float(c.zeta)} if method == "dps" else {})}
     if method == "smc":
-        return {"particles": int(c.particles), "ess_threshold": float(c.ess_threshold), "steps": int(c.steps)}
+        return {"particles": int(c.particles), "ess_threshold": float(c.ess_threshold), "steps": int(c.steps),
+                **_smc_prior(cfg, job)}
     if method == "repaint":
         return {"steps": int(c.steps), "jump_length": int(c.jump_length), "resample": int(c.resample)}
     from sde.inverse import CONDITIONING_METHODS
@@ -239,7 +257,7 @@ def _solve(cfg: DictConfig, job: Job, constraint) -> tuple[Tensor, int]:
     from sde.inverse import solve_inverse
 
     res = solve_inverse(job.model, job.sde, constraint, method=cfg.control.method,
-                        generator=job.generator, **_method_options(cfg))
+                        generator=job.generator, **_method_options(cfg, job))
     if hasattr(res, "ess"):  # SMC: the ESS-over-time picture
         _save_ess_plot(res.ess, job.out / f"{cfg.control.name}_ess.png", job)
     return res.x.detach(), int(res.nfe)
@@ -265,7 +283,8 @@ def _save_ess_plot(ess: Tensor, path: Path, job: Job) -> None:
 
 def _inverse_metrics(x: Tensor, truth: Tensor, constraint, nfe: int, cfg: DictConfig) -> dict:
     P, b = constraint
-    return {"method": cfg.control.method, "nfe": nfe,
+    smc = {"prior": cfg.control.get("prior", "none")} if cfg.control.method == "smc" else {}
+    return {"method": cfg.control.method, "nfe": nfe, **smc,
             "consistency_max_error": (P(x) - b).abs().max().item(),  # the measurement reproduced (0 up to rounding)
             "mse_to_truth": (x - truth).pow(2).mean().item()}  # the sampled part vs the held-out ground truth
 

@@ -409,6 +409,15 @@ def test_controllable_app_runs_smc_repaint_and_sdedit(tmp_path):
         m = json.loads((out / "metrics.json").read_text())
         assert m["method"] == method and m["consistency_max_error"] == 0.0
         assert (out / "inpaint_ess.png").is_file() == (method == "smc")
+    # control.prior=data: the twist corrected by the train split's per-pixel statistics; a bad value is named.
+    run_app("controllable.py", [*common, "control=inpaint", "control.method=smc", "control.steps=10",
+                                "control.particles=3", "control.prior=data", f"hydra.run.dir={tmp_path / 'prior'}"],
+            tmp_path)
+    m = json.loads((tmp_path / "prior" / "metrics.json").read_text())
+    assert m["prior"] == "data" and m["consistency_max_error"] == 0.0 and math.isfinite(m["mse_to_truth"])
+    bad = run_app("controllable.py", [*common, "control=inpaint", "control.method=smc", "control.prior=gauss",
+                                      f"hydra.run.dir={tmp_path / 'bad_prior'}"], tmp_path, check=False)
+    assert bad.returncode != 0 and "control.prior" in bad.stderr and "gauss" in bad.stderr
     # The ode sampler's own `method` option reaches it through sampler_options, next to control.method.
     run_app("controllable.py", [*common, "control=inpaint", "control.method=replacement", "sampler=ode",
                                 "sampler.options.method=euler", f"hydra.run.dir={tmp_path / 'ode'}"], tmp_path)
