@@ -245,7 +245,7 @@ class Trainer:
             train_model = torch.compile(train_model)
         self._train_model = train_model
         self._autocast = _bf16_autocast(self.device) if cfg.bf16 else contextlib.nullcontext
-        self._progress: Callable[[int], float] = lambda step: step / cfg.total_steps  # fit() may replace it
+        self._progress = _run_progress(None, cfg.total_steps)  # fit(progress=...) may replace it
 
     # ----------------------------------------------------------------------------- data
     def batch_indices(self, step: int) -> Tensor:
@@ -285,9 +285,7 @@ class Trainer:
             if latest.is_file():
                 self.load(latest)
         stop = _with_budget(stop, cfg.time_budget_s)
-        if progress is not None:
-            check_callable("progress", progress, "progress(step) -> fraction of the run done")
-        self._progress = progress if progress is not None else (lambda step: step / cfg.total_steps)
+        self._progress = _run_progress(progress, cfg.total_steps)
         self.model.train()
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                    dynamic_ncols=True, desc="train")
@@ -557,6 +555,14 @@ def _with_budget(stop: Callable[[int], bool] | None, seconds: float | None) -> C
         return stop
     deadline = time.perf_counter() + seconds
     return lambda step: time.perf_counter() > deadline or (stop is not None and stop(step))
+
+
+def _run_progress(progress: Callable[[int], float] | None, total_steps: int) -> Callable[[int], float]:
+    """``progress`` (checked callable), or ``step / total_steps`` when None: what the learning-rate decay follows."""
+    if progress is None:
+        return lambda step: step / total_steps
+    check_callable("progress", progress, "progress(step) -> fraction of the run done")
+    return progress
 
 
 def _check_trainer_inputs(model: Any, loss_fn: Any, callbacks: Any, log_fn: Any) -> None:
