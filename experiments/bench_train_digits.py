@@ -1,5 +1,5 @@
-"""Benchmark (not a test): train the default UNet on 8x8 digits with each training recipe for the same
-CPU budget; report test bits/dim (PF-ODE) and FD-digits of 20-NFE samples.
+"""Benchmark (not a test): train one U-Net on 8x8 digits with each training recipe for the same CPU budget;
+report test bits/dim (PF-ODE) and FD-digits of 20-NFE samples.
 
 Training uses the library loop (sde.training.Trainer) on uniformly dequantized digits (each level's
 bin around its grid point, the space bits/dim scores, so train and test agree) with
@@ -9,7 +9,9 @@ parametrization (so only w(lambda) and p(lambda) change), and the flow-matching 
 with the velocity parametrization and the flow-matching loss.
 
 The budget is CPU time of this process (``time.process_time``, 1 thread by default), so runs made at
-different loads of a shared machine get the same compute; evaluation is not charged to it. At the end
+different loads of a shared machine get the same compute; evaluation is not charged to it. Every run shares
+the optimisation settings (defaults: the main job's 0.70M U-Net ``--net main``, batch 64, AdamW lr 3e-3 after 50
+warm-up steps, cosine decay to 0 over the spent fraction of the CPU budget, clip 1, EMA 0.99). At the end
 the EMA model is scored on the whole test split: bits/dim by the probability-flow ODE
 (sde.likelihood.dataset_bits_per_dim, dopri5, rtol = atol = ``--rtol``, Hutchinson, one
 dequantization), and FD-digits (sde.metrics.frechet_distance on sde.features.digits_classifier
@@ -19,6 +21,8 @@ draws; the table shows the best. ``--time-sampling low_discrepancy`` trains with
 
 Usage:
     python experiments/bench_train_digits.py                          # every run, 5 CPU-minutes each
+    python experiments/bench_train_digits.py --runs flow_sde --net default --batch 128 --lr 2e-3 --lr-decay constant
+                                                                      # the first table's settings
     python experiments/bench_train_digits.py --runs sigma2 flow_sde --seconds 90 --json out.jsonl
     python experiments/bench_train_digits.py --runs eps --time-sampling low_discrepancy --tag _ld --save ckpts
 
@@ -44,12 +48,17 @@ from sde.models import ScoreModel
 from sde.nets import UNet
 from sde.samplers import sample
 from sde.sdes import SDE, VPSDE, FlowSDE
-from sde.training import TrainConfig, Trainer
+from sde.training import LR_DECAYS, TrainConfig, Trainer
 
 # run name -> (SDE factory, parametrization, weighting)
 RUNS: dict[str, tuple[type[SDE], str, str]] = {
     **{name: (VPSDE, "eps", name) for name in WEIGHTINGS},
     "flow_sde": (FlowSDE, "velocity", "flow"),
+}
+# the bench's U-Net, one for every run (--net): the library default, or conf/model/unet.yaml's (the main job's)
+NETS: dict[str, dict] = {
+    "default": {},  # UNet(): 1.62M parameters, channel_mults (1, 2, 2), 2 res blocks, dropout 0.1
+    "main": dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0),  # 0.70M
 }
 # FD-digits solvers, each 19 steps + the final denoising call = 20 NFE; the table reports the best per run
 SOLVERS: dict[str, dict] = {
@@ -73,15 +82,20 @@ class CpuBudget:
     def stop(self, step: int) -> bool:
         return self.used() >= self.seconds
 
+    def progress(self, step: int) -> float:
+        """The spent fraction of the budget: what the learning-rate decay follows (``Trainer.fit(progress=...)``)."""
+        return self.used() / self.seconds
 
-def fd_digits(score_fn, sde, n: int, reference: torch.Tensor, seed: int) -> dict[str, tuple[float, int]]:
-    """FD-digits of n samples against ``reference`` images and the NFE per sample, for each of ``SOLVERS``
+
+def fd_digits(score_fn, sde, n: int, reference: torch.Tensor, seed: int,
+              solvers: dict[str, dict]) -> dict[str, tuple[float, int]]:
+    """FD-digits of n samples against ``reference`` images and the NFE per sample, for each of ``solvers``
     (the same prior draws for every solver)."""
     clf = get_digits_classifier(dtype=torch.float32)  # trained and cached on first use
     with torch.no_grad():
         ref = FeatureStats.from_features(clf(reference.float()))
     out = {}
-    for name, options in SOLVERS.items():
+    for name, options in solvers.items():
         g = torch.Generator().manual_seed(seed)
         res = sample(score_fn, sde, (n, *reference.shape[1:]), generator=g, batch_size=512, **options)
         with torch.no_grad():
@@ -95,23 +109,24 @@ def run_one(name: str, args, train, test) -> dict:
     sde_cls, parametrization, weighting = RUNS[name]
     torch.manual_seed(args.seed)
     sde = sde_cls()
-    model = ScoreModel(UNet(), sde, parametrization=parametrization)
+    model = ScoreModel(UNet(**NETS[args.net]), sde, parametrization=parametrization)
     loss = dequantized(partial(dsm_loss, weighting=weighting, eps=args.train_eps, time_sampling=args.time_sampling),
                        levels=train.levels)
     budget = CpuBudget(args.seconds)
-    config = TrainConfig(total_steps=10**9, batch_size=args.batch, lr=args.lr, warmup_steps=50, grad_clip=1.0,
+    config = TrainConfig(total_steps=10**9, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
+                         lr_decay=args.lr_decay, lr_final_ratio=args.lr_final_ratio, grad_clip=args.clip,
                          ema_decay=args.ema, seed=args.seed, log_every=100, eval_every=0, progress=False)
     trainer = Trainer(model, sde, train.data, config, loss_fn=loss,
                       log_fn=lambda m: "loss" in m and print(name, {k: round(v, 4) for k, v in m.items()}, flush=True))
     t_wall = time.perf_counter()
-    trainer.fit(stop=budget.stop)
+    trainer.fit(stop=budget.stop, progress=budget.progress)
     cpu_s, wall_s, steps = budget.used(), time.perf_counter() - t_wall, trainer.step
     ema = trainer.ema.model
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)  # same dequantization and probes for every run
     if args.save:
         torch.save(ema.state_dict(), f"{args.save}/{name}{args.tag}.pt")
-    fds = fd_digits(ema, sde, test.data.shape[0], train.data, args.seed)
+    fds = fd_digits(ema, sde, test.data.shape[0], train.data, args.seed, {k: SOLVERS[k] for k in args.solvers})
     solver = min(fds, key=lambda k: fds[k][0])
     print(name + args.tag, "FD-digits", {k: round(v[0], 2) for k, v in fds.items()}, flush=True)
     bpd, err = dataset_bits_per_dim(ema, sde, test.to_levels(), **test.bpd_options(), generator=g,
@@ -119,6 +134,8 @@ def run_one(name: str, args, train, test) -> dict:
     row = {"run": name + args.tag, "sde": type(sde).__name__, "parametrization": parametrization,
            "weighting": weighting,
            "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr, "ema": args.ema,
+           "net": args.net, "params": sum(p.numel() for p in model.parameters()), "batch": args.batch,
+           "lr_decay": args.lr_decay, "lr_final_ratio": args.lr_final_ratio, "warmup": args.warmup, "clip": args.clip,
            "steps": steps, "train_cpu_s": round(cpu_s, 1), "train_wall_s": round(wall_s, 1), "bpd": bpd,
            "bpd_stderr": err, "fd_digits": fds[solver][0], "solver": solver, "nfe": fds[solver][1],
            "fd_by_solver": {k: round(v[0], 2) for k, v in fds.items()}, "n_test": test.data.shape[0],
@@ -134,9 +151,17 @@ def main() -> None:
     p.add_argument("--eval-batch", type=int, default=128, help="ODE batch size in evaluation")
     p.add_argument("--rtol", type=float, default=1e-3, help="rtol = atol of the likelihood ODE")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema", type=float, default=0.99)
+    p.add_argument("--net", default="main", choices=list(NETS), help="the U-Net of every run (NETS)")
+    p.add_argument("--batch", type=int, default=64, help="training batch size")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr-decay", default="cosine", choices=list(LR_DECAYS),
+                   help="decay after warm-up over the spent fraction of the CPU budget (sde.training.LR_DECAYS)")
+    p.add_argument("--lr-final-ratio", type=float, default=0.0, help="decayed rate at the budget's end / peak")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--ema", type=float, default=0.99, help="EMA decay (with the (1 + n) / (10 + n) warm-up)")
+    p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS),
+                   help="FD-digits solvers (default: all; the table reports the best)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-sampling", default="iid", choices=list(TIME_UNIFORMS),
                    help="how the training times' uniforms are drawn (sde.losses.TIME_UNIFORMS)")

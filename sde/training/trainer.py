@@ -28,7 +28,14 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .._checks import check_all_finite, check_callable, check_half_open, check_int, check_open_interval, check_tensor
+from .._checks import (
+    check_all_finite,
+    check_callable,
+    check_half_open,
+    check_int,
+    check_open_interval,
+    check_tensor,
+)
 from ..checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -43,6 +50,7 @@ from ..checkpoint import (
 )
 from .distributed import DistInfo, current_dist_info
 from .ema import EMA
+from .lr_schedule import check_lr_decay, scheduled_lr
 
 LossFn = Callable[..., Tensor]  # loss_fn(model, sde, x0, *, generator, [y]) -> scalar
 EvalHook = Callable[[int, nn.Module, nn.Module], "dict[str, float] | float | None"]  # (step, model, ema_model)
@@ -61,6 +69,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW first/second moment decays
     adam_eps: float = 1e-8  # AdamW denominator epsilon
     warmup_steps: int = 1000  # linear warmup: step s (1-based) uses lr * min(1, s / warmup_steps); 0 = none
+    lr_decay: str = "constant"  # after warm-up: constant | cosine | linear over the run's progress (lr_schedule.py)
+    lr_final_ratio: float = 0.0  # the decayed rate at the end of the run as a fraction of lr (0 with constant)
     grad_clip: float = 1.0  # clip the global gradient 2-norm to this; 0 = no clipping (norm still logged)
     ema_decay: float = 0.999  # asymptotic EMA decay of the averaged weights
     ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + n) / (10 + n)) after n updates
@@ -92,6 +102,7 @@ class TrainConfig:
             raise ValueError(f"betas must be a pair (beta1, beta2) of AdamW moment decays in [0, 1), got {betas!r}")
         self.betas = tuple(check_half_open(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
         check_open_interval("ema_decay", self.ema_decay, 0.0, 1.0)
+        check_lr_decay(self.lr_decay, self.lr_final_ratio, prefix="lr_")
         if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
                                                    and not isinstance(self.time_budget_s, bool)
                                                    and self.time_budget_s > 0):
@@ -124,8 +135,8 @@ def _check_hyperparameter(name: str, value: Any, minimum: str) -> None:
 
 
 # Settings that change the trajectory: resuming with different values would not continue the same run.
-_TRAJECTORY_KEYS = ("batch_size", "lr", "weight_decay", "betas", "adam_eps", "warmup_steps", "grad_clip",
-                    "ema_decay", "ema_warmup", "seed", "bf16")
+_TRAJECTORY_KEYS = ("batch_size", "lr", "weight_decay", "betas", "adam_eps", "warmup_steps", "lr_decay",
+                    "lr_final_ratio", "grad_clip", "ema_decay", "ema_warmup", "seed", "bf16")
 
 
 _RESUME_KEYS = ("step", "model", "ema", "optimizer", "config", "rng")  # what load() reads
@@ -157,12 +168,6 @@ class _Check:
     step: int
     lr: float
     values: list[Tensor]
-
-
-def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): ``lr * min(1, step / warmup_steps)``."""
-    check_int("step", step, 1)
-    return lr if warmup_steps == 0 else lr * min(1.0, step / warmup_steps)
 
 
 class Trainer:
@@ -240,6 +245,7 @@ class Trainer:
             train_model = torch.compile(train_model)
         self._train_model = train_model
         self._autocast = _bf16_autocast(self.device) if cfg.bf16 else contextlib.nullcontext
+        self._progress = _run_progress(None, cfg.total_steps)  # fit(progress=...) may replace it
 
     # ----------------------------------------------------------------------------- data
     def batch_indices(self, step: int) -> Tensor:
@@ -253,13 +259,17 @@ class Trainer:
         return self._epoch_cache[1][pos * b:(pos + 1) * b]
 
     # ----------------------------------------------------------------------------- loop
-    def fit(self, stop: Callable[[int], bool] | None = None) -> dict[str, float]:
+    def fit(self, stop: Callable[[int], bool] | None = None,
+            progress: Callable[[int], float] | None = None) -> dict[str, float]:
         """Train until ``config.total_steps``, resuming from ``out_dir/latest.pt`` when allowed.
 
         Args:
             stop: optional ``stop(step) -> bool`` checked after every step; when it (or the
                 ``config.time_budget_s`` wall-clock budget) says so, the run ends as at ``total_steps``
                 (final log, eval, checkpoint). Under DDP it must answer the same on every rank.
+            progress: optional ``progress(step) -> float``, the fraction of the run done before 0-based
+                ``step`` that drives ``config.lr_decay`` (e.g. the spent fraction of the budget ``stop``
+                enforces); default ``step / total_steps``. Under DDP it must answer the same on every rank.
 
         Returns:
             The last logged metrics merged with the last eval metrics.
@@ -275,6 +285,7 @@ class Trainer:
             if latest.is_file():
                 self.load(latest)
         stop = _with_budget(stop, cfg.time_budget_s)
+        self._progress = _run_progress(progress, cfg.total_steps)
         self.model.train()
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                    dynamic_ncols=True, desc="train")
@@ -328,7 +339,8 @@ class Trainer:
         kwargs: dict[str, Any] = {"generator": self.noise_generator}
         if self.labels is not None:
             kwargs["y"] = self.labels[idx]
-        lr = warmup_lr(self.step + 1, cfg.lr, cfg.warmup_steps)
+        lr = scheduled_lr(self.step + 1, cfg.lr, cfg.warmup_steps, decay=cfg.lr_decay,
+                          progress=self._progress(self.step), final_ratio=cfg.lr_final_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -468,8 +480,9 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            # The LR schedule is stateless (warmup_lr of the step); stored for readers of the file.
-            "scheduler": {"name": "linear_warmup", "lr": self.config.lr, "warmup_steps": self.config.warmup_steps},
+            # The LR schedule is stateless (scheduled_lr of the step and progress); stored for readers of the file.
+            "scheduler": {"name": "linear_warmup", "lr": self.config.lr, "warmup_steps": self.config.warmup_steps,
+                          "decay": self.config.lr_decay, "final_ratio": self.config.lr_final_ratio},
             "config": self.config.to_dict(),
             "model_config": self.model_config,
             "rng": {"world_size": self.dist.world_size, "per_rank": per_rank},
@@ -515,7 +528,9 @@ class Trainer:
         if diffs:
             raise CheckpointMismatchError(f"{path} was written for a different model config: " + "; ".join(diffs))
         saved_cfg, cur_cfg = state["config"], self.config.to_dict()
-        diffs = diff_dicts({k: saved_cfg.get(k) for k in _TRAJECTORY_KEYS}, {k: cur_cfg[k] for k in _TRAJECTORY_KEYS})
+        defaults = TrainConfig().to_dict()  # a key older files lack had its default value then
+        diffs = diff_dicts({k: saved_cfg.get(k, defaults[k]) for k in _TRAJECTORY_KEYS},
+                           {k: cur_cfg[k] for k in _TRAJECTORY_KEYS})
         if diffs:
             raise CheckpointMismatchError(f"{path} was written with different training settings "
                                           "(resuming would not continue the same run): " + "; ".join(diffs))
@@ -540,6 +555,14 @@ def _with_budget(stop: Callable[[int], bool] | None, seconds: float | None) -> C
         return stop
     deadline = time.perf_counter() + seconds
     return lambda step: time.perf_counter() > deadline or (stop is not None and stop(step))
+
+
+def _run_progress(progress: Callable[[int], float] | None, total_steps: int) -> Callable[[int], float]:
+    """``progress`` (checked callable), or ``step / total_steps`` when None: what the learning-rate decay follows."""
+    if progress is None:
+        return lambda step: step / total_steps
+    check_callable("progress", progress, "progress(step) -> fraction of the run done")
+    return progress
 
 
 def _check_trainer_inputs(model: Any, loss_fn: Any, callbacks: Any, log_fn: Any) -> None:
