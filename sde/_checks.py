@@ -117,6 +117,27 @@ def check_tensor(name: str, value: Any, min_dim: int = 1) -> Tensor:
     return value
 
 
+def check_covariance(name: str, cov: Tensor, *, rel_tol: float, floor: float = 0.0,
+                     floor_name: str = "0") -> tuple[Tensor, Tensor]:
+    """Check finite (..., D, D) covariances: symmetric to ``rel_tol`` times the largest entry, every
+    eigenvalue > ``floor`` (named ``floor_name`` in the message); return ``torch.linalg.eigh(cov)``.
+
+    Raises:
+        ValueError: non-finite entries, an asymmetry above the tolerance, or an eigenvalue <= floor.
+    """
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError(f"{name} must be finite, got {int((~torch.isfinite(cov)).sum())} non-finite entries")
+    asym = (cov - cov.transpose(-1, -2)).abs().max().item()
+    if asym > rel_tol * max(cov.abs().max().item(), 1e-300):
+        raise ValueError(f"{name} must be symmetric, got max |C - C^T| = {asym:.3g}")
+    evals, evecs = torch.linalg.eigh(cov)
+    low = evals.min().item()
+    if not low > floor:
+        raise ValueError(f"{name} must be positive definite with eigenvalues > {floor_name}, got smallest "
+                         f"eigenvalue {low:.3g}")
+    return evals, evecs
+
+
 def as_time(t: float | Tensor, like: Tensor, T: float, *, batch: int | None = None) -> Tensor:
     """Turn ``t`` (a float, a 0-d tensor or a (B,) tensor) into a (B,) tensor like ``like``.
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_all_finite, check_int, check_sde, check_tensor, shared_time
+from ._checks import as_time, check_all_finite, check_covariance, check_int, check_sde, check_tensor, shared_time
 from .sdes import SDE
 
 __all__ = ["GaussianMixture"]
@@ -58,12 +58,7 @@ class GaussianMixture:
             covs = check_all_finite("covs", torch.as_tensor(covs, dtype=dtype, device=device))
             if covs.shape != (K, D, D):
                 raise ValueError(f"covs must have shape (K, D, D) = ({K}, {D}, {D}), got {tuple(covs.shape)}")
-            if not torch.allclose(covs, covs.transpose(-1, -2), atol=1e-6 * covs.abs().max().item()):
-                raise ValueError("covs must be symmetric")
-            evals, evecs = torch.linalg.eigh(covs)
-            if (evals <= 0).any():
-                raise ValueError(f"covs must be positive definite; smallest eigenvalue {evals.min().item():.3g}")
-            self.eigvals, self.eigvecs = evals, evecs  # (K, D), (K, D, D)
+            self.eigvals, self.eigvecs = check_covariance("covs", covs, rel_tol=1e-5)  # (K, D), (K, D, D)
         else:
             stds = check_all_finite("stds", torch.as_tensor(stds, dtype=dtype, device=device))
             if stds.dim() == 0:

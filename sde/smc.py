@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import as_time, check_int, check_open_interval, check_tensor
+from ._checks import as_time, check_covariance, check_int, check_open_interval, check_tensor
 from .flow import reverse_drift, tweedie
 from .samplers import default_eps
 from .sdes import SDE, ScoreFn
@@ -420,15 +420,8 @@ def _check_prior_cov(prior_cov: Any, d: int, noise_std: float, like: Tensor) -> 
         raise ValueError(f"prior_cov must have shape (d, d) = ({d}, {d}) (d = numel of one target row), "
                          f"got {tuple(prior_cov.shape)}")
     cov = prior_cov.to(device=like.device, dtype=torch.float64)
-    if not bool(torch.isfinite(cov).all()):
-        raise ValueError("prior_cov must be finite, got non-finite entries")
-    asym = (cov - cov.T).abs().max().item()
-    if asym > 1e-8 * max(cov.abs().max().item(), 1e-300):
-        raise ValueError(f"prior_cov must be symmetric, got max |C - C^T| = {asym:.3g}")
-    low = torch.linalg.eigvalsh(cov).min().item()
-    if not low > noise_std**2:
-        raise ValueError(f"prior_cov must be positive definite with eigenvalues > noise_std^2 = {noise_std**2:.3g} "
-                         f"(then the division is a Gaussian), got smallest eigenvalue {low:.3g}")
+    check_covariance("prior_cov", cov, rel_tol=1e-8, floor=noise_std**2,
+                     floor_name=f"noise_std^2 = {noise_std**2:.3g} (then the division is a Gaussian)")
     return cov
 
 
