@@ -110,6 +110,8 @@ def run_one(name: str, args, train, test) -> dict:
     torch.manual_seed(args.seed)
     sde = sde_cls()
     model = ScoreModel(UNet(**NETS[args.net]), sde, parametrization=parametrization)
+    if args.channels_last:  # as the main job (conf/train.yaml channels_last): faster oneDNN convolutions
+        model = model.to(memory_format=torch.channels_last)
     loss = dequantized(partial(dsm_loss, weighting=weighting, eps=args.train_eps, time_sampling=args.time_sampling),
                        levels=train.levels)
     budget = CpuBudget(args.seconds)
@@ -160,6 +162,8 @@ def main() -> None:
     p.add_argument("--lr-final-ratio", type=float, default=0.0, help="decayed rate at the budget's end / peak")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     p.add_argument("--ema", type=float, default=0.99, help="EMA decay (with the (1 + n) / (10 + n) warm-up)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="U-Net in NHWC memory format (the main job's default; --no-channels-last for NCHW)")
     p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS),
                    help="FD-digits solvers (default: all; the table reports the best)")
     p.add_argument("--seed", type=int, default=0)

@@ -140,6 +140,13 @@ _TRAJECTORY_KEYS = ("batch_size", "lr", "weight_decay", "betas", "adam_eps", "wa
 
 
 _RESUME_KEYS = ("step", "model", "ema", "optimizer", "config", "rng")  # what load() reads
+def _fused_adamw(params: list[Tensor]) -> bool | None:
+    """``fused=True`` (one AdamW kernel for all tensors, ~4x faster than the per-tensor loop on CPU) when every
+    parameter is a float tensor on a CPU or CUDA device; else ``None`` (torch's default implementation)."""
+    ok = params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
+
+
 def _bf16_autocast(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of bf16 autocast contexts on ``device``'s type.
 
@@ -162,7 +169,7 @@ _MAX_UNREAD = 1000  # a read at least every this many steps: bounded pending val
 @dataclasses.dataclass
 class _Check:
     """Device values the host reads later: ``kind="loss"``: [loss (float64), gradient norm] of step ``step``
-    before it is applied; ``kind="state"``: [max |value| of weights, EMA and moments] after update ``step``."""
+    before it is applied; ``kind="state"``: [2-norm of weights, EMA and moments] after update ``step``."""
 
     kind: str
     step: int
@@ -219,8 +226,12 @@ class Trainer:
         self.log_fn = log_fn
         self.model_config = dict(model_config or {})
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay)
+        self._params = list(self.model.parameters())  # fixed objects: load() and the EMA update copy in place
+        self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay, fused=_fused_adamw(self._params))
+        # weights, float buffers and EMA: what the per-step state check covers besides the optimizer moments
+        self._weights = [t.detach() for m in (self.model, self.ema.model) for t in (*m.parameters(), *m.buffers())
+                         if t.is_floating_point()]
         self.noise_generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.dist.rank)
         self.step = 0
         self.best_value: float | None = None
@@ -347,7 +358,7 @@ class Trainer:
         with self._autocast():
             loss = self.loss_fn(self._train_model, self.sde, x0, **kwargs)
         loss.backward()  # a non-finite loss only spoils gradients; they are applied only if not read here
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self._params if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, change nothing
         grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
         self._pending.append(_Check("loss", self.step + 1, lr, [loss.detach().to(torch.float64, copy=True), grad_norm]))
@@ -356,8 +367,10 @@ class Trainer:
         self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.step += 1
-        # max |value| over weights, EMA and moments, read at the next host read or before a checkpoint is written
-        self._pending.append(_Check("state", self.step, lr, [nn.utils.get_total_norm(self._state_tensors(), math.inf)]))
+        # the 2-norm of weights, EMA and moments (NaN/inf if any entry is; _raise_if_bad_state tells a finite
+        # overflow apart), read at the next host read or before a checkpoint is written; one multi-tensor
+        # reduction, ~6x cheaper on CPU than the max |value|
+        self._pending.append(_Check("state", self.step, lr, [nn.utils.get_total_norm(self._state_tensors(), 2.0)]))
         if self.step == cfg.total_steps:  # no next read: check the last update now
             self.check_state_finite()
 
@@ -386,15 +399,14 @@ class Trainer:
     # ----------------------------------------------------------------------------- non-finite guard
     def _state_tensors(self) -> list[Tensor]:
         """Everything a checkpoint stores as floats: weights, float buffers, EMA and optimizer moments."""
-        out = [t.detach() for m in (self.model, self.ema.model) for t in (*m.parameters(), *m.buffers())
-               if t.is_floating_point()]
+        out = list(self._weights)
         for st in self.optimizer.state.values():
             out += [v for v in st.values() if isinstance(v, Tensor) and v.is_floating_point() and v.dim() > 0]
         return out
 
     @property
     def _pending_state_max(self) -> Tensor | None:
-        """The max |value| of the state left by the last update while it is not yet read, else None."""
+        """The 2-norm of the state left by the last update while it is not yet read, else None."""
         return self._pending[-1].values[0] if self._pending and self._pending[-1].kind == "state" else None
 
     def check_state_finite(self) -> None:
@@ -413,8 +425,8 @@ class Trainer:
                     "was written from it")
             raise NonFiniteLossError(f"{what} is {value} at step {step}; {when} ({self._last_good()})")
 
-    def _raise_if_bad_state(self, state_max: float, step: int, lr: float) -> None:
-        if math.isfinite(state_max):
+    def _raise_if_bad_state(self, state_norm: float, step: int, lr: float) -> None:
+        if math.isfinite(state_norm):
             return
         groups = {"weights": [*self.model.parameters(), *self.model.buffers()],
                   "EMA": [*self.ema.model.parameters(), *self.ema.model.buffers()],
@@ -422,9 +434,11 @@ class Trainer:
                                         if isinstance(v, Tensor) and v.dim() > 0]}
         bad = [name for name, ts in groups.items()
                if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)]
+        if not bad:  # every entry finite: only their sum of squares overflowed float32
+            return
         raise NonFiniteLossError(
             f"the update of step {step} (lr={lr:.4g}) left non-finite values "
-            f"in the {', '.join(bad) or 'training state'}; stopped, and no checkpoint was written from it "
+            f"in the {', '.join(bad)}; stopped, and no checkpoint was written from it "
             f"({self._last_good()})")
 
     def _evaluate(self) -> bool:
