@@ -10,21 +10,23 @@ with the velocity parametrization and the flow-matching loss.
 
 The budget is CPU time of this process (``time.process_time``, 1 thread by default), so runs made at
 different loads of a shared machine get the same compute; evaluation is not charged to it. Every run shares
-the optimisation settings (defaults: the main job's 0.70M U-Net ``--net main``, batch 64, AdamW lr 3e-3 after 50
+the optimisation settings (defaults: the main job's 0.70M U-Net ``--net main``, batch 64, AdamW lr 4e-3 after 50
 warm-up steps, cosine decay to 0 over the spent fraction of the CPU budget, clip 1, EMA 0.99). At the end
 the EMA model is scored on the whole test split: bits/dim by the probability-flow ODE
 (sde.likelihood.dataset_bits_per_dim, dopri5, rtol = atol = ``--rtol``, Hutchinson, one
 dequantization), and FD-digits (sde.metrics.frechet_distance on sde.features.digits_classifier
 features) of as many samples as test images against the train split, for each solver in ``SOLVERS``
-(DPM-Solver++ 2M / 3M, UniPC p = 2 / 3), 19 steps + the final denoising call = 20 NFE, from the same prior
-draws; the table shows the best. ``--time-sampling low_discrepancy`` trains with VDM's low-discrepancy times.
+(DPM-Solver++ 2M / 3M, UniPC p = 2 / 3), 19 steps + the final denoising call = 20 NFE: the mean over
+``--fd-draws`` prior draws (draw k seeded with k: the same draws for every run and solver); the table shows
+the best solver. Training times are VDM's low-discrepancy draws (``--time-sampling iid`` for independent ones).
 
 Usage:
     python experiments/bench_train_digits.py                          # every run, 5 CPU-minutes each
     python experiments/bench_train_digits.py --runs flow_sde --net default --batch 128 --lr 2e-3 --lr-decay constant
                                                                       # the first table's settings
     python experiments/bench_train_digits.py --runs sigma2 flow_sde --seconds 90 --json out.jsonl
-    python experiments/bench_train_digits.py --runs eps --time-sampling low_discrepancy --tag _ld --save ckpts
+    python experiments/bench_train_digits.py --runs eps --time-sampling iid --tag _iid --save ckpts
+    python experiments/bench_train_digits.py --runs eps --tag _iid --load ckpts      # re-score saved weights
 
 References: a full-covariance Gaussian gets 2.95 bpd on this split, uniform 4.09 (log2 17); FD-digits
 of the test split against the train split is 14.6 (docs/benchmarks.md).
@@ -87,31 +89,31 @@ class CpuBudget:
         return self.used() / self.seconds
 
 
-def fd_digits(score_fn, sde, n: int, reference: torch.Tensor, seed: int,
-              solvers: dict[str, dict]) -> dict[str, tuple[float, int]]:
-    """FD-digits of n samples against ``reference`` images and the NFE per sample, for each of ``solvers``
-    (the same prior draws for every solver)."""
+def fd_digits(score_fn, sde, n: int, reference: torch.Tensor, draws: int,
+              solvers: dict[str, dict]) -> dict[str, tuple[float, float, int, list[float]]]:
+    """FD-digits of n samples against ``reference`` images for each of ``solvers``: the mean and standard error
+    over ``draws`` independent prior draws (draw k seeded with k, so every run and solver sees the same draws)
+    the NFE per sample and the per-draw values (for paired differences between runs). One draw of 359 samples is noisy (6-19 for one model over six draws,
+    docs/benchmarks.md), so means over draws are what compare models."""
     clf = get_digits_classifier(dtype=torch.float32)  # trained and cached on first use
     with torch.no_grad():
         ref = FeatureStats.from_features(clf(reference.float()))
     out = {}
     for name, options in solvers.items():
-        g = torch.Generator().manual_seed(seed)
-        res = sample(score_fn, sde, (n, *reference.shape[1:]), generator=g, batch_size=512, **options)
-        with torch.no_grad():
-            fx = FeatureStats.from_features(clf(res.x.float().clamp(-1, 1)))
-        out[name] = (frechet_distance(fx, ref), res.nfe)
+        fds = []
+        for k in range(draws):
+            res = sample(score_fn, sde, (n, *reference.shape[1:]), generator=torch.Generator().manual_seed(k),
+                         batch_size=512, **options)
+            with torch.no_grad():
+                fds.append(frechet_distance(FeatureStats.from_features(clf(res.x.float().clamp(-1, 1))), ref))
+        fd = torch.tensor(fds, dtype=torch.float64)
+        stderr = float(fd.std() / draws ** 0.5) if draws > 1 else float("nan")
+        out[name] = (float(fd.mean()), stderr, res.nfe, [round(f, 3) for f in fds])
     return out
 
 
-def run_one(name: str, args, train, test) -> dict:
-    """Train one recipe for the budget and evaluate its EMA model."""
-    sde_cls, parametrization, weighting = RUNS[name]
-    torch.manual_seed(args.seed)
-    sde = sde_cls()
-    model = ScoreModel(UNet(**NETS[args.net]), sde, parametrization=parametrization)
-    if args.channels_last:  # as the main job (conf/train.yaml channels_last): faster oneDNN convolutions
-        model = model.to(memory_format=torch.channels_last)
+def train_one(name: str, model: ScoreModel, sde: SDE, weighting: str, args, train) -> tuple[torch.nn.Module, dict]:
+    """Train ``model`` with one recipe for the CPU budget; the EMA model and the run's step / time counts."""
     loss = dequantized(partial(dsm_loss, weighting=weighting, eps=args.train_eps, time_sampling=args.time_sampling),
                        levels=train.levels)
     budget = CpuBudget(args.seconds)
@@ -122,26 +124,41 @@ def run_one(name: str, args, train, test) -> dict:
                       log_fn=lambda m: "loss" in m and print(name, {k: round(v, 4) for k, v in m.items()}, flush=True))
     t_wall = time.perf_counter()
     trainer.fit(stop=budget.stop, progress=budget.progress)
-    cpu_s, wall_s, steps = budget.used(), time.perf_counter() - t_wall, trainer.step
-    ema = trainer.ema.model
-    t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(0)  # same dequantization and probes for every run
+    stats = {"steps": trainer.step, "train_cpu_s": round(budget.used(), 1),
+             "train_wall_s": round(time.perf_counter() - t_wall, 1)}
     if args.save:
-        torch.save(ema.state_dict(), f"{args.save}/{name}{args.tag}.pt")
-    fds = fd_digits(ema, sde, test.data.shape[0], train.data, args.seed, {k: SOLVERS[k] for k in args.solvers})
+        torch.save(trainer.ema.model.state_dict(), f"{args.save}/{name}{args.tag}.pt")
+    return trainer.ema.model, stats
+
+
+def run_one(name: str, args, train, test) -> dict:
+    """Train one recipe for the budget (or ``--load`` its saved EMA weights) and evaluate the EMA model."""
+    sde_cls, parametrization, weighting = RUNS[name]
+    torch.manual_seed(args.seed)
+    sde = sde_cls()
+    model = ScoreModel(UNet(**NETS[args.net]), sde, parametrization=parametrization)
+    if args.channels_last:  # as the main job (conf/train.yaml channels_last): faster oneDNN convolutions
+        model = model.to(memory_format=torch.channels_last)
+    if args.load:  # a state dict --save wrote: tensors only (weights_only), no code runs
+        model.load_state_dict(torch.load(f"{args.load}/{name}{args.tag}.pt", weights_only=True))
+        ema, stats = model, {"steps": None, "train_cpu_s": None, "train_wall_s": None}
+    else:
+        ema, stats = train_one(name, model, sde, weighting, args, train)
+    t0 = time.perf_counter()
+    fds = fd_digits(ema, sde, test.data.shape[0], train.data, args.fd_draws, {k: SOLVERS[k] for k in args.solvers})
     solver = min(fds, key=lambda k: fds[k][0])
     print(name + args.tag, "FD-digits", {k: round(v[0], 2) for k, v in fds.items()}, flush=True)
+    g = torch.Generator().manual_seed(0)  # same dequantization and probes for every run
     bpd, err = dataset_bits_per_dim(ema, sde, test.to_levels(), **test.bpd_options(), generator=g,
                                     rtol=args.rtol, atol=args.rtol, batch_size=args.eval_batch)
     row = {"run": name + args.tag, "sde": type(sde).__name__, "parametrization": parametrization,
-           "weighting": weighting,
-           "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr, "ema": args.ema,
-           "net": args.net, "params": sum(p.numel() for p in model.parameters()), "batch": args.batch,
-           "lr_decay": args.lr_decay, "lr_final_ratio": args.lr_final_ratio, "warmup": args.warmup, "clip": args.clip,
-           "steps": steps, "train_cpu_s": round(cpu_s, 1), "train_wall_s": round(wall_s, 1), "bpd": bpd,
-           "bpd_stderr": err, "fd_digits": fds[solver][0], "solver": solver, "nfe": fds[solver][1],
-           "fd_by_solver": {k: round(v[0], 2) for k, v in fds.items()}, "n_test": test.data.shape[0],
-           "eval_s": round(time.perf_counter() - t0, 1)}
+           "weighting": weighting, "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr,
+           "ema": args.ema, "net": args.net, "params": sum(p.numel() for p in model.parameters()),
+           "batch": args.batch, "lr_decay": args.lr_decay, "lr_final_ratio": args.lr_final_ratio,
+           "warmup": args.warmup, "clip": args.clip, "seed": args.seed, **stats, "bpd": bpd, "bpd_stderr": err,
+           "fd_digits": fds[solver][0], "fd_stderr": fds[solver][1], "fd_draws": args.fd_draws, "solver": solver,
+           "nfe": fds[solver][2], "fd_per_draw": fds[solver][3], "fd_by_solver": {k: round(v[0], 2) for k, v in fds.items()},
+           "n_test": test.data.shape[0], "eval_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(row), flush=True)
     return row
 
@@ -155,7 +172,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)")
     p.add_argument("--net", default="main", choices=list(NETS), help="the U-Net of every run (NETS)")
     p.add_argument("--batch", type=int, default=64, help="training batch size")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
     p.add_argument("--lr-decay", default="cosine", choices=list(LR_DECAYS),
                    help="decay after warm-up over the spent fraction of the CPU budget (sde.training.LR_DECAYS)")
@@ -166,14 +183,20 @@ def main() -> None:
                    help="U-Net in NHWC memory format (the main job's default; --no-channels-last for NCHW)")
     p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS),
                    help="FD-digits solvers (default: all; the table reports the best)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-sampling", default="iid", choices=list(TIME_UNIFORMS),
+    p.add_argument("--fd-draws", type=int, default=8,
+                   help="FD-digits: mean over this many prior draws of n_test samples (draw k seeded with k)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (weights, data order, loss noise)")
+    p.add_argument("--time-sampling", default="low_discrepancy", choices=list(TIME_UNIFORMS),
                    help="how the training times' uniforms are drawn (sde.losses.TIME_UNIFORMS)")
     p.add_argument("--train-eps", type=float, default=1e-5, help="smallest training time of dsm_loss")
     p.add_argument("--tag", default="", help="suffix of the run name in the table (variants of one run)")
-    p.add_argument("--save", default=None, help="folder: write the EMA weights to <save>/<run>.pt")
+    p.add_argument("--save", default=None, help="folder: write the EMA weights to <save>/<run><tag>.pt")
+    p.add_argument("--load", default=None,
+                   help="folder: evaluate the EMA weights --save wrote there (<load>/<run><tag>.pt) instead of training")
     p.add_argument("--json", default=None, help="append one JSON line per run to this file")
     args = p.parse_args()
+    if args.fd_draws < 1:
+        p.error(f"--fd-draws must be >= 1, got {args.fd_draws}")
     torch.set_num_threads(args.threads)
     train = load_dataset("digits", split="train")
     test = load_dataset("digits", split="test")
@@ -189,7 +212,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['sde']} | {r['parametrization']} | {r['weighting']} | {r['steps']} | "
-              f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | {r['fd_digits']:.1f} ({r['solver']}) |")
+              f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | {r['fd_digits']:.2f} ± {r['fd_stderr']:.2f} ({r['solver']}) |")
 
 
 if __name__ == "__main__":
