@@ -48,7 +48,7 @@ def _validation_loss(model, loss_fn, data, labels, cfg) -> float:
     return sum(losses) / len(losses)
 
 
-_LOSS_APP_KEYS = ("weighting", "eps", "label_dropout")  # loss: keys that are not the recipe's parameters
+_LOSS_APP_KEYS = ("weighting", "eps", "time_sampling", "label_dropout")  # loss: keys that are not the recipe's parameters
 
 
 def _loss_function(cfg: DictConfig, train_set, num_classes: int):
@@ -60,7 +60,8 @@ def _loss_function(cfg: DictConfig, train_set, num_classes: int):
     from sde.models import drop_labels
 
     params = {k: v for k, v in cfg.loss.items() if k not in _LOSS_APP_KEYS}
-    loss = functools.partial(dsm_loss, weighting=get_weighting(cfg.loss.weighting, **params), eps=cfg.loss.eps)
+    loss = functools.partial(dsm_loss, weighting=get_weighting(cfg.loss.weighting, **params), eps=cfg.loss.eps,
+                             time_sampling=_time_sampling(cfg))
     if getattr(train_set, "levels", None):
         loss = dequantized(loss, int(train_set.levels))  # the dataset's dequantization (sde.data.dequantize)
     if num_classes == 0:
@@ -72,6 +73,17 @@ def _loss_function(cfg: DictConfig, train_set, num_classes: int):
         return loss(model, sde, x0, generator=generator, y=y)
 
     return conditional_loss
+
+
+def _time_sampling(cfg: DictConfig) -> str:
+    """loss.time_sampling: how a batch's time uniforms are drawn (sde.losses.TIME_UNIFORMS), default "iid"."""
+    from _common.checks import prefixed
+
+    from sde._checks import check_choice
+    from sde.losses import TIME_UNIFORMS
+
+    value = cfg.loss.get("time_sampling", "iid")
+    return prefixed("loss", {"time_sampling"}, lambda: check_choice("time_sampling", value, TIME_UNIFORMS))
 
 
 def _label_dropout(cfg: DictConfig) -> float:
@@ -105,7 +117,7 @@ def _train_fields(cfg: DictConfig) -> dict:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Before anything is written: ``TrainConfig(**train)`` (errors name ``train.<field>``), the loss recipe and
-    ``loss.label_dropout``. ``train.resume`` is checked by :func:`_common.resume.start`."""
+    ``loss.time_sampling`` and ``loss.label_dropout``. ``train.resume`` is checked by :func:`_common.resume.start`."""
     from _common.checks import prefixed
 
     from sde.losses import get_weighting
@@ -115,6 +127,7 @@ def check_train_config(cfg: DictConfig) -> None:
     prefixed("train", fields, lambda: TrainConfig(**fields))
     params = {k: v for k, v in cfg.loss.items() if k not in _LOSS_APP_KEYS}
     prefixed("loss", {"weighting", *params}, lambda: get_weighting(cfg.loss.weighting, **params))
+    _time_sampling(cfg)
     _label_dropout(cfg)
 
 

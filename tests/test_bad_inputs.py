@@ -733,7 +733,7 @@ def _app_call(overrides: list[str], step: str, name: str = "train"):
             )
         import train
 
-        return train._label_dropout(cfg)
+        return train.check_train_config(cfg) if step == "check" else train._label_dropout(cfg)
     finally:
         sys.path.remove(str(ROOT / "experiments"))
 
@@ -789,6 +789,12 @@ APP_CASES = [
         lambda: _app_call(["loss.label_dropout=2"], "label_dropout"),
         ValueError,
         r"loss\.label_dropout=2 must be a probability",
+    ),
+    (
+        "loss.time_sampling",
+        lambda: _app_call(["loss.time_sampling=sobol"], "check"),
+        ValueError,
+        r"loss\.time_sampling='sobol' is not supported; choose one of \['iid', 'low_discrepancy'\]",
     ),
 ]
 

@@ -75,6 +75,6 @@ def prefixed(node: str, fields: Any, build: Callable[[], Any]) -> Any:
         return build()
     except (ValueError, TypeError) as err:
         text = str(err)
-        first = text.split(" ", 1)[0].split("[", 1)[0]
+        first = text.split(" ", 1)[0].split("[", 1)[0].split("=", 1)[0]  # "lr must ...", "betas[0] ...", "name='x' ..."
         keyed = f"{node}.{text}" if first in fields else f"{node}: {text}"
         raise type(err)(keyed) from err
