@@ -93,8 +93,8 @@ def fd_digits(score_fn, sde, n: int, reference: torch.Tensor, draws: int,
               solvers: dict[str, dict]) -> dict[str, tuple[float, float, int, list[float]]]:
     """FD-digits of n samples against ``reference`` images for each of ``solvers``: the mean and standard error
     over ``draws`` independent prior draws (draw k seeded with k, so every run and solver sees the same draws)
-    the NFE per sample and the per-draw values (for paired differences between runs). One draw of 359 samples is noisy (6-19 for one model over six draws,
-    docs/benchmarks.md), so means over draws are what compare models."""
+    the NFE per sample and the per-draw values (for paired differences between runs). One draw of 359 samples
+    is noisy (6-19 for one model over six draws, docs/benchmarks.md), so means over draws compare models."""
     clf = get_digits_classifier(dtype=torch.float32)  # trained and cached on first use
     with torch.no_grad():
         ref = FeatureStats.from_features(clf(reference.float()))
@@ -117,7 +117,8 @@ def train_one(name: str, model: ScoreModel, sde: SDE, weighting: str, args, trai
     loss = dequantized(partial(dsm_loss, weighting=weighting, eps=args.train_eps, time_sampling=args.time_sampling),
                        levels=train.levels)
     budget = CpuBudget(args.seconds)
-    config = TrainConfig(total_steps=10**9, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
+    config = TrainConfig(total_steps=10**9, batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+                         warmup_steps=args.warmup,
                          lr_decay=args.lr_decay, lr_final_ratio=args.lr_final_ratio, grad_clip=args.clip,
                          ema_decay=args.ema, seed=args.seed, log_every=100, eval_every=0, progress=False)
     trainer = Trainer(model, sde, train.data, config, loss_fn=loss,
@@ -136,7 +137,8 @@ def run_one(name: str, args, train, test) -> dict:
     sde_cls, parametrization, weighting = RUNS[name]
     torch.manual_seed(args.seed)
     sde = sde_cls()
-    model = ScoreModel(UNet(**NETS[args.net]), sde, parametrization=parametrization)
+    net = {**NETS[args.net], **({} if args.dropout is None else {"dropout": args.dropout})}
+    model = ScoreModel(UNet(**net), sde, parametrization=parametrization)
     if args.channels_last:  # as the main job (conf/train.yaml channels_last): faster oneDNN convolutions
         model = model.to(memory_format=torch.channels_last)
     if args.load:  # a state dict --save wrote: tensors only (weights_only), no code runs
@@ -153,11 +155,13 @@ def run_one(name: str, args, train, test) -> dict:
                                     rtol=args.rtol, atol=args.rtol, batch_size=args.eval_batch)
     row = {"run": name + args.tag, "sde": type(sde).__name__, "parametrization": parametrization,
            "weighting": weighting, "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr,
-           "ema": args.ema, "net": args.net, "params": sum(p.numel() for p in model.parameters()),
+           "ema": args.ema, "net": args.net, "dropout": args.dropout, "weight_decay": args.weight_decay,
+           "params": sum(p.numel() for p in model.parameters()),
            "batch": args.batch, "lr_decay": args.lr_decay, "lr_final_ratio": args.lr_final_ratio,
            "warmup": args.warmup, "clip": args.clip, "seed": args.seed, **stats, "bpd": bpd, "bpd_stderr": err,
            "fd_digits": fds[solver][0], "fd_stderr": fds[solver][1], "fd_draws": args.fd_draws, "solver": solver,
-           "nfe": fds[solver][2], "fd_per_draw": fds[solver][3], "fd_by_solver": {k: round(v[0], 2) for k, v in fds.items()},
+           "nfe": fds[solver][2], "fd_per_draw": fds[solver][3],
+           "fd_by_solver": {k: round(v[0], 2) for k, v in fds.items()},
            "n_test": test.data.shape[0], "eval_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(row), flush=True)
     return row
@@ -171,7 +175,9 @@ def main() -> None:
     p.add_argument("--rtol", type=float, default=1e-3, help="rtol = atol of the likelihood ODE")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)")
     p.add_argument("--net", default="main", choices=list(NETS), help="the U-Net of every run (NETS)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout in the U-Net's res blocks (default: the net's)")
     p.add_argument("--batch", type=int, default=64, help="training batch size")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
     p.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
     p.add_argument("--lr-decay", default="cosine", choices=list(LR_DECAYS),
@@ -192,7 +198,7 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the run name in the table (variants of one run)")
     p.add_argument("--save", default=None, help="folder: write the EMA weights to <save>/<run><tag>.pt")
     p.add_argument("--load", default=None,
-                   help="folder: evaluate the EMA weights --save wrote there (<load>/<run><tag>.pt) instead of training")
+                   help="folder: evaluate the EMA weights --save wrote (<load>/<run><tag>.pt) instead of training")
     p.add_argument("--json", default=None, help="append one JSON line per run to this file")
     args = p.parse_args()
     if args.fd_draws < 1:

@@ -48,7 +48,7 @@ def _validation_loss(model, loss_fn, data, labels, cfg) -> float:
     return sum(losses) / len(losses)
 
 
-_LOSS_APP_KEYS = ("weighting", "eps", "time_sampling", "label_dropout")  # loss: keys that are not the recipe's parameters
+_LOSS_APP_KEYS = ("weighting", "eps", "time_sampling", "label_dropout")  # loss: keys that are not recipe parameters
 
 
 def _loss_function(cfg: DictConfig, train_set, num_classes: int):
@@ -186,7 +186,7 @@ def train(cfg: DictConfig, tracker, out, device, dtype, generator) -> dict:
     x_test = test_set.data.to(device=device, dtype=dtype)
     sde = build_sde(cfg)
     model = build_model(cfg, sde).to(device=device, dtype=dtype)
-    if cfg.get("channels_last", False):  # NHWC weights: faster convolutions (oneDNN on CPU, tensor cores on CUDA; docs/scale.md)
+    if cfg.get("channels_last", False):  # NHWC weights: faster convolutions (oneDNN on CPU, CUDA tensor cores)
         model = model.to(memory_format=torch.channels_last)
     num_classes = int(cfg.model.net.get("num_classes", 0) or 0)
     _label_dropout(cfg)  # checked before any training

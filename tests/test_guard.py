@@ -151,7 +151,7 @@ def test_last_step_is_checked_without_out_dir(tmp_path):
 def test_a_clean_run_is_unchanged_by_the_guard(tmp_path):
     trainer = Trainer(Tiny(), VPSDE(), data(), config(tmp_path), loss_fn=eps_loss)
     trainer.fit()
-    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 8 and trainer._pending_state_max is None
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 8 and trainer._pending_state_norm is None
 
 
 def test_best_metric_must_be_a_hook_metric(tmp_path):

@@ -140,6 +140,8 @@ _TRAJECTORY_KEYS = ("batch_size", "lr", "weight_decay", "betas", "adam_eps", "wa
 
 
 _RESUME_KEYS = ("step", "model", "ema", "optimizer", "config", "rng")  # what load() reads
+
+
 def _fused_adamw(params: list[Tensor]) -> bool | None:
     """``fused=True`` (one AdamW kernel for all tensors, ~4x faster than the per-tensor loop on CPU) when every
     parameter is a float tensor on a CPU or CUDA device; else ``None`` (torch's default implementation)."""
@@ -405,7 +407,7 @@ class Trainer:
         return out
 
     @property
-    def _pending_state_max(self) -> Tensor | None:
+    def _pending_state_norm(self) -> Tensor | None:
         """The 2-norm of the state left by the last update while it is not yet read, else None."""
         return self._pending[-1].values[0] if self._pending and self._pending[-1].kind == "state" else None
 
@@ -434,7 +436,7 @@ class Trainer:
                                         if isinstance(v, Tensor) and v.dim() > 0]}
         bad = [name for name, ts in groups.items()
                if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)]
-        if not bad:  # every entry finite: only their sum of squares overflowed float32
+        if not bad:  # every entry finite: only their sum of squares overflowed
             return
         raise NonFiniteLossError(
             f"the update of step {step} (lr={lr:.4g}) left non-finite values "
