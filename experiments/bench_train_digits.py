@@ -124,7 +124,10 @@ def train_one(name: str, model: ScoreModel, sde: SDE, weighting: str, args, trai
     trainer = Trainer(model, sde, train.data, config, loss_fn=loss,
                       log_fn=lambda m: "loss" in m and print(name, {k: round(v, 4) for k, v in m.items()}, flush=True))
     t_wall = time.perf_counter()
-    trainer.fit(stop=budget.stop, progress=budget.progress)
+    if args.steps:  # a step budget: the same optimiser steps whatever the machine's speed per CPU-second
+        trainer.fit(stop=lambda step: step >= args.steps, progress=lambda step: step / args.steps)
+    else:
+        trainer.fit(stop=budget.stop, progress=budget.progress)
     stats = {"steps": trainer.step, "train_cpu_s": round(budget.used(), 1),
              "train_wall_s": round(time.perf_counter() - t_wall, 1)}
     if args.save:
@@ -153,12 +156,16 @@ def run_one(name: str, args, train, test) -> dict:
     g = torch.Generator().manual_seed(0)  # same dequantization and probes for every run
     bpd, err = dataset_bits_per_dim(ema, sde, test.to_levels(), **test.bpd_options(), generator=g,
                                     rtol=args.rtol, atol=args.rtol, batch_size=args.eval_batch)
+    train_bpd = (dataset_bits_per_dim(ema, sde, train.to_levels()[:args.train_bpd], **train.bpd_options(),
+                                      generator=torch.Generator().manual_seed(0), rtol=args.rtol, atol=args.rtol,
+                                      batch_size=args.eval_batch) if args.train_bpd else (None, None))
     row = {"run": name + args.tag, "sde": type(sde).__name__, "parametrization": parametrization,
            "weighting": weighting, "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr,
            "ema": args.ema, "net": args.net, "dropout": args.dropout, "weight_decay": args.weight_decay,
            "params": sum(p.numel() for p in model.parameters()),
            "batch": args.batch, "lr_decay": args.lr_decay, "lr_final_ratio": args.lr_final_ratio,
            "warmup": args.warmup, "clip": args.clip, "seed": args.seed, **stats, "bpd": bpd, "bpd_stderr": err,
+           "train_bpd": train_bpd[0], "train_bpd_stderr": train_bpd[1],
            "fd_digits": fds[solver][0], "fd_stderr": fds[solver][1], "fd_draws": args.fd_draws, "solver": solver,
            "nfe": fds[solver][2], "fd_per_draw": fds[solver][3],
            "fd_by_solver": {k: round(v[0], 2) for k, v in fds.items()},
@@ -171,6 +178,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="runs (default: all)")
     p.add_argument("--seconds", type=float, default=300.0, help="training budget per run, CPU seconds")
+    p.add_argument("--steps", type=int, default=0,
+                   help="train this many steps instead of --seconds of CPU time (lr decay over the steps; 0 = off)")
     p.add_argument("--eval-batch", type=int, default=128, help="ODE batch size in evaluation")
     p.add_argument("--rtol", type=float, default=1e-3, help="rtol = atol of the likelihood ODE")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)")
@@ -189,6 +198,8 @@ def main() -> None:
                    help="U-Net in NHWC memory format (the main job's default; --no-channels-last for NCHW)")
     p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS),
                    help="FD-digits solvers (default: all; the table reports the best)")
+    p.add_argument("--train-bpd", type=int, default=0,
+                   help="also score bits/dim on the first this many train images (the generalisation gap; 0 = off)")
     p.add_argument("--fd-draws", type=int, default=8,
                    help="FD-digits: mean over this many prior draws of n_test samples (draw k seeded with k)")
     p.add_argument("--seed", type=int, default=0, help="training seed (weights, data order, loss noise)")
