@@ -156,9 +156,10 @@ def run_one(name: str, args, train, test) -> dict:
     g = torch.Generator().manual_seed(0)  # same dequantization and probes for every run
     bpd, err = dataset_bits_per_dim(ema, sde, test.to_levels(), **test.bpd_options(), generator=g,
                                     rtol=args.rtol, atol=args.rtol, batch_size=args.eval_batch)
-    train_bpd = (dataset_bits_per_dim(ema, sde, train.to_levels()[:args.train_bpd], **train.bpd_options(),
-                                      generator=torch.Generator().manual_seed(0), rtol=args.rtol, atol=args.rtol,
-                                      batch_size=args.eval_batch) if args.train_bpd else (None, None))
+    train_bpd = (tuple(dataset_bits_per_dim(ema, sde, train.to_levels()[:args.train_bpd], **train.bpd_options(),
+                                            generator=torch.Generator().manual_seed(0), rtol=args.rtol,
+                                            atol=args.rtol,
+                                            batch_size=args.eval_batch)) if args.train_bpd else (None, None))
     row = {"run": name + args.tag, "sde": type(sde).__name__, "parametrization": parametrization,
            "weighting": weighting, "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr,
            "ema": args.ema, "net": args.net, "dropout": args.dropout, "weight_decay": args.weight_decay,
