@@ -112,6 +112,14 @@ def fd_digits(score_fn, sde, n: int, reference: torch.Tensor, draws: int,
     return out
 
 
+def bits_per_dim(ema, sde, dataset, levels: torch.Tensor, args) -> tuple[float, float]:
+    """Bits/dim (mean, standard error) of ``levels`` (points of ``dataset``) by the PF-ODE, with the same
+    dequantization noise and Hutchinson probes for every run (generator seeded 0)."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(dataset_bits_per_dim(ema, sde, levels, **dataset.bpd_options(), generator=g, rtol=args.rtol,
+                                      atol=args.rtol, batch_size=args.eval_batch))
+
+
 def train_one(name: str, model: ScoreModel, sde: SDE, weighting: str, args, train) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` with one recipe for the CPU budget; the EMA model and the run's step / time counts."""
     loss = dequantized(partial(dsm_loss, weighting=weighting, eps=args.train_eps, time_sampling=args.time_sampling),
@@ -153,13 +161,9 @@ def run_one(name: str, args, train, test) -> dict:
     fds = fd_digits(ema, sde, test.data.shape[0], train.data, args.fd_draws, {k: SOLVERS[k] for k in args.solvers})
     solver = min(fds, key=lambda k: fds[k][0])
     print(name + args.tag, "FD-digits", {k: round(v[0], 2) for k, v in fds.items()}, flush=True)
-    g = torch.Generator().manual_seed(0)  # same dequantization and probes for every run
-    bpd, err = dataset_bits_per_dim(ema, sde, test.to_levels(), **test.bpd_options(), generator=g,
-                                    rtol=args.rtol, atol=args.rtol, batch_size=args.eval_batch)
-    train_bpd = (tuple(dataset_bits_per_dim(ema, sde, train.to_levels()[:args.train_bpd], **train.bpd_options(),
-                                            generator=torch.Generator().manual_seed(0), rtol=args.rtol,
-                                            atol=args.rtol,
-                                            batch_size=args.eval_batch)) if args.train_bpd else (None, None))
+    bpd, err = bits_per_dim(ema, sde, test, test.to_levels(), args)
+    train_bpd = (bits_per_dim(ema, sde, train, train.to_levels()[:args.train_bpd], args) if args.train_bpd
+                 else (None, None))
     row = {"run": name + args.tag, "sde": type(sde).__name__, "parametrization": parametrization,
            "weighting": weighting, "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr,
            "ema": args.ema, "net": args.net, "dropout": args.dropout, "weight_decay": args.weight_decay,
@@ -215,6 +219,9 @@ def main() -> None:
     args = p.parse_args()
     if args.fd_draws < 1:
         p.error(f"--fd-draws must be >= 1, got {args.fd_draws}")
+    for flag in ("steps", "train_bpd"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, flag)}")
     torch.set_num_threads(args.threads)
     train = load_dataset("digits", split="train")
     test = load_dataset("digits", split="test")
