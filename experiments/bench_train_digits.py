@@ -44,7 +44,7 @@ import torch
 from sde.data import load_dataset
 from sde.features.digits_classifier import get_digits_classifier
 from sde.likelihood import dataset_bits_per_dim
-from sde.losses import TIME_UNIFORMS, WEIGHTINGS, dequantized, dsm_loss
+from sde.losses import TIME_UNIFORMS, WEIGHTINGS, dequantized, dsm_loss, get_weighting
 from sde.metrics import FeatureStats, frechet_distance
 from sde.models import ScoreModel
 from sde.nets import UNet
@@ -61,6 +61,9 @@ RUNS: dict[str, tuple[type[SDE], str, str]] = {
 NETS: dict[str, dict] = {
     "default": {},  # UNet(): 1.62M parameters, channel_mults (1, 2, 2), 2 res blocks, dropout 0.1
     "main": dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0),  # 0.70M
+    "noattn": dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0),
+    "m122": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0),
+    "c24": dict(base_channels=24, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0),
 }
 # FD-digits solvers, each 19 steps + the final denoising call = 20 NFE; the table reports the best per run
 SOLVERS: dict[str, dict] = {
@@ -122,7 +125,8 @@ def bits_per_dim(ema, sde, dataset, levels: torch.Tensor, args) -> tuple[float, 
 
 def train_one(name: str, model: ScoreModel, sde: SDE, weighting: str, args, train) -> tuple[torch.nn.Module, dict]:
     """Train ``model`` with one recipe for the CPU budget; the EMA model and the run's step / time counts."""
-    loss = dequantized(partial(dsm_loss, weighting=weighting, eps=args.train_eps, time_sampling=args.time_sampling),
+    recipe = get_weighting(weighting, **args.weighting_params)  # raises for a field the recipe does not have
+    loss = dequantized(partial(dsm_loss, weighting=recipe, eps=args.train_eps, time_sampling=args.time_sampling),
                        levels=train.levels)
     budget = CpuBudget(args.seconds)
     config = TrainConfig(total_steps=10**9, batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay,
@@ -165,7 +169,8 @@ def run_one(name: str, args, train, test) -> dict:
     train_bpd = (bits_per_dim(ema, sde, train, train.to_levels()[:args.train_bpd], args) if args.train_bpd
                  else (None, None))
     row = {"run": name + args.tag, "sde": type(sde).__name__, "parametrization": parametrization,
-           "weighting": weighting, "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr,
+           "weighting": weighting, "weighting_params": args.weighting_params,
+           "time_sampling": args.time_sampling, "train_eps": args.train_eps, "lr": args.lr,
            "ema": args.ema, "net": args.net, "dropout": args.dropout, "weight_decay": args.weight_decay,
            "params": sum(p.numel() for p in model.parameters()),
            "batch": args.batch, "lr_decay": args.lr_decay, "lr_final_ratio": args.lr_final_ratio,
@@ -177,6 +182,25 @@ def run_one(name: str, args, train, test) -> dict:
            "n_test": test.data.shape[0], "eval_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(row), flush=True)
     return row
+
+
+def _weighting_params(p: argparse.ArgumentParser, items: list[str], runs: list[str]) -> dict[str, float]:
+    """``["shift=2", ...]`` -> ``{"shift": 2.0}``, checked against every run's recipe before anything trains."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not (sep and key):
+            p.error(f"--weighting-param must be KEY=NUMBER (e.g. shift=2), got {item!r}")
+    for name in runs:
+        try:
+            get_weighting(RUNS[name][2], **out)
+        except ValueError as err:
+            p.error(f"--weighting-param for run {name!r}: {err}")
+    return out
 
 
 def main() -> None:
@@ -210,6 +234,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="training seed (weights, data order, loss noise)")
     p.add_argument("--time-sampling", default="low_discrepancy", choices=list(TIME_UNIFORMS),
                    help="how the training times' uniforms are drawn (sde.losses.TIME_UNIFORMS)")
+    p.add_argument("--weighting-param", action="append", default=[], metavar="KEY=VALUE", dest="weighting_param",
+                   help="a recipe hyperparameter (sde.losses.get_weighting), e.g. shift=2 for eps / v, gamma=1 for "
+                        "min_snr; repeatable; a run whose recipe lacks the field stops with an error")
     p.add_argument("--train-eps", type=float, default=1e-5, help="smallest training time of dsm_loss")
     p.add_argument("--tag", default="", help="suffix of the run name in the table (variants of one run)")
     p.add_argument("--save", default=None, help="folder: write the EMA weights to <save>/<run><tag>.pt")
@@ -217,11 +244,14 @@ def main() -> None:
                    help="folder: evaluate the EMA weights --save wrote (<load>/<run><tag>.pt) instead of training")
     p.add_argument("--json", default=None, help="append one JSON line per run to this file")
     args = p.parse_args()
+    if args.seconds <= 0:
+        p.error(f"--seconds must be > 0, got {args.seconds}")
     if args.fd_draws < 1:
         p.error(f"--fd-draws must be >= 1, got {args.fd_draws}")
     for flag in ("steps", "train_bpd"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, flag)}")
+    args.weighting_params = _weighting_params(p, args.weighting_param, args.runs)
     torch.set_num_threads(args.threads)
     train = load_dataset("digits", split="train")
     test = load_dataset("digits", split="test")

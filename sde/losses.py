@@ -143,19 +143,25 @@ class LogNormalSigma(TimeDensity):
         return torch.exp(-0.5 * ((lam - m) / s) ** 2) / (s * math.sqrt(2 * math.pi) * (hi - lo))
 
 
+@dataclasses.dataclass(frozen=True)
 class CosineLogSNR(TimeDensity):
-    """p(lambda) = sech(lambda / 2) / (2 pi), the log-SNR density of the cosine schedule under uniform time
-    (Nichol & Dhariwal 2021), truncated: phi = arctan(e^{-lambda / 2}) is uniform."""
+    """p(lambda) = sech((lambda - shift) / 2) / (2 pi), the log-SNR density of the cosine schedule under uniform
+    time (Nichol & Dhariwal 2021) moved by ``shift`` (Hoogeboom et al. 2023, "simple diffusion": shift =
+    2 log(64 / resolution)), truncated: phi = arctan(e^{-(lambda - shift) / 2}) is uniform."""
+
+    shift: float = 0.0  # log-SNR offset s: > 0 trains more at high SNR (little noise), < 0 at low SNR
+
+    def _phi_range(self, sde: SDE, eps: float, device) -> tuple[Tensor, Tensor]:
+        l_eps, l_T = _log_snr_range(sde, eps, device)
+        return torch.atan(torch.exp(-0.5 * (l_eps - self.shift))), torch.atan(torch.exp(-0.5 * (l_T - self.shift)))
 
     def sample(self, sde: SDE, u: Tensor, eps: float) -> Tensor:
-        l_eps, l_T = _log_snr_range(sde, eps, u.device)
-        lo, hi = torch.atan(torch.exp(-0.5 * l_eps)), torch.atan(torch.exp(-0.5 * l_T))
-        return _t_of(sde, -2.0 * torch.log(torch.tan(lo + u * (hi - lo))), eps)
+        lo, hi = self._phi_range(sde, eps, u.device)
+        return _t_of(sde, self.shift - 2.0 * torch.log(torch.tan(lo + u * (hi - lo))), eps)
 
     def pdf(self, sde: SDE, lam: Tensor, eps: float) -> Tensor:
-        l_eps, l_T = _log_snr_range(sde, eps, lam.device)
-        mass = torch.atan(torch.exp(-0.5 * l_T)) - torch.atan(torch.exp(-0.5 * l_eps))
-        return 0.25 / (torch.cosh(0.5 * lam) * mass)
+        lo, hi = self._phi_range(sde, eps, lam.device)
+        return 0.25 / (torch.cosh(0.5 * (lam - self.shift)) * (hi - lo))
 
 
 TIME_DENSITIES: dict[str, type[TimeDensity]] = {
@@ -256,14 +262,22 @@ class EDM(Weighting):
 class EpsMSE(_PlainEpsMSE):
     """|| eps_hat - z ||^2 with the cosine schedule's log-SNR density (Ho et al. 2020; Nichol & Dhariwal 2021)."""
 
-    density = CosineLogSNR()
+    shift: float = 0.0  # log-SNR shift of the cosine density (CosineLogSNR.shift; 0 = Nichol & Dhariwal's)
+
+    @property
+    def density(self) -> TimeDensity:
+        return CosineLogSNR(self.shift)
 
 
 @dataclasses.dataclass(frozen=True)
 class VPrediction(Weighting):
     """|| v_hat - v ||^2, v = alpha z - sigma x0 (VP scaling), cosine density (Salimans & Ho 2022)."""
 
-    density = CosineLogSNR()
+    shift: float = 0.0  # log-SNR shift of the cosine density (CosineLogSNR.shift; "simple diffusion" shifts it)
+
+    @property
+    def density(self) -> TimeDensity:
+        return CosineLogSNR(self.shift)
 
     def ratio(self, sde: SDE, t: Tensor, eps: float) -> Tensor:
         return 1.0 + torch.exp(-sde.log_snr(t))
@@ -298,6 +312,9 @@ WEIGHTINGS: dict[str, Weighting] = {
 }
 
 
+_SIGNED_PARAMETERS = {"p_mean", "shift"}  # recipe fields that may be zero or negative; every other one is > 0
+
+
 def get_weighting(weighting: str | Weighting, **params: float) -> Weighting:
     """The recipe ``weighting`` (a name in ``WEIGHTINGS`` or a ``Weighting``), with hyperparameters replaced.
 
@@ -321,7 +338,7 @@ def get_weighting(weighting: str | Weighting, **params: float) -> Weighting:
     fields = {f.name for f in dataclasses.fields(weighting)}
     for key, value in params.items():
         check_choice(f"parameter of weighting {type(weighting).__name__}", key, fields)
-        if key != "p_mean":
+        if key not in _SIGNED_PARAMETERS:
             check_positive(key, value)
     return dataclasses.replace(weighting, **params)
 

@@ -51,7 +51,7 @@ def test_issue_minimum_groups_exist():
 def test_primary_configs_compose_with_defaults(primary):
     cfg = _compose(primary, [] if primary == "train" else ["score.path=ckpt.pt"])
     assert cfg.task == primary
-    assert cfg.hydra.runtime.choices["sde"] == ("flow" if primary == "train" else "vp")  # train: rectified flow
+    assert cfg.hydra.runtime.choices["sde"] == "vp"
     assert cfg.hydra.runtime.choices["logger"] == "wandb" and cfg.logger.mode == "offline"
     assert "results_table" in cfg.hydra.callbacks
     # Every interpolation of the job config resolves (what train.py writes into checkpoints and W&B).
@@ -59,16 +59,15 @@ def test_primary_configs_compose_with_defaults(primary):
     plain = OmegaConf.to_container(job_cfg, resolve=True)
     assert plain["name"] == "digits"
     from sde.nets import MLP, UNet
-    from sde.sdes import VPSDE, FlowSDE
+    from sde.sdes import VPSDE
 
     sde = build_sde(job_cfg)
-    if primary == "train":  # the main job trains rectified flow (docs/recipes.md, "Which recipe to pick")
-        assert type(sde) is FlowSDE and sde.T == 0.99 and job_cfg.loss.weighting == "flow"
-    else:
-        assert type(sde) is VPSDE and (sde.beta_min, sde.beta_max) == (0.1, 20.0)
+    assert type(sde) is VPSDE and (sde.beta_min, sde.beta_max) == (0.1, 20.0)
+    if primary == "train":  # the main job: eps-MSE, cosine density shifted by 1 (docs/recipes.md)
+        assert (job_cfg.loss.weighting, job_cfg.loss.shift) == ("eps", 1.0)
     model = build_model(job_cfg, sde)
     if primary == "train":  # the main job's default: a U-Net (32 base channels, x1 and x2) on the 1x8x8 digits
-        assert type(model.net) is UNet and model.parametrization == "velocity" and model.sde is sde
+        assert type(model.net) is UNet and model.parametrization == "eps" and model.sde is sde
         assert plain["model"]["net"]["in_channels"] == 1 and plain["model"]["net"]["image_size"] == 8
         convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs[0].in_channels == 1 and convs[0].out_channels == 32
@@ -183,7 +182,8 @@ def test_train_node_is_the_trainer_config_field_for_field():
     assert list(plain) == [f.name for f in dataclasses.fields(TrainConfig)] or set(plain) == {
         f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**plain)
-    assert (tc.total_steps, tc.lr, tc.betas, tc.warmup_steps, tc.log_every) == (1500, 1e-3, (0.9, 0.999), 100, 50)
+    assert (tc.total_steps, tc.lr, tc.betas, tc.warmup_steps, tc.log_every) == (2800, 4e-3, (0.9, 0.999), 50, 50)
+    assert (tc.batch_size, tc.lr_decay, tc.ema_decay) == (64, "cosine", 0.99)  # the recipe bench's optimisation
     assert tc.best_metric == "val_loss" and tc.time_budget_s == 420 and tc.seed == cfg.seed
 
 
@@ -195,7 +195,7 @@ def test_optimizer_configs_fill_the_trainer_config(name):
     cfg = _compose("train", [f"optimizer={name}"], hydra_node=False)
     tc = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
     assert tc.weight_decay == raw.weight_decay and tc.adam_eps == raw.adam_eps and tc.betas == tuple(raw.betas)
-    assert tc.lr == 1e-3  # train.yaml's U-Net default overrides the group's peak LR
+    assert tc.lr == 4e-3  # train.yaml's U-Net default overrides the group's peak LR
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

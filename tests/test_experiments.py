@@ -65,7 +65,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_train_writes_checkpoint_metrics_and_pictures(trained):
     m = metrics_of(trained)
-    assert m["task"] == "train" and m["sde"] == "flow" and m["model"] == "mlp" and m["dims"] == 64
+    assert m["task"] == "train" and m["sde"] == "vp" and m["model"] == "mlp" and m["dims"] == 64
     assert m["levels"] == 17 and m["bpd_points"] == 4
     assert math.isfinite(m["test_bpd"]) and 0 < m["test_bpd"] < 30
     assert math.isfinite(m["val_loss"]) and m["sample_nfe"] >= 10
@@ -75,8 +75,8 @@ def test_train_writes_checkpoint_metrics_and_pictures(trained):
     with Image.open(trained / "strip.png") as im:  # 8 samples x (x_t, x0_hat) rows, 4 frames + the result,
         assert im.size == ((5 * 9 + 1) * 8, (16 * 9 + 1) * 8 + 18)  # under an 18-px band of column labels (t)
     ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["model_config"]["sde"]["_target_"] == "sde.sdes.FlowSDE"
-    assert ckpt["model_config"]["model"]["parametrization"] == "velocity"  # the main job's defaults: rectified flow
+    assert ckpt["step"] == 20 and ckpt["model_config"]["sde"]["_target_"] == "sde.sdes.VPSDE"
+    assert ckpt["model_config"]["model"]["parametrization"] == "eps"  # the main job's defaults: eps-MSE on VP
     assert ckpt["model_config"]["model"]["net"]["hidden"] == 32 and ckpt["ema"] is not None
     assert (trained / "checkpoints" / "step_00000010.pt").is_file()
     # One format: checkpoint.pt is the Trainer's final state (plus the app's metrics), like latest.pt.
@@ -117,7 +117,7 @@ def test_sample_from_checkpoint(trained, tmp_path):
             "num_samples=6", "strip_frames=3", f"hydra.run.dir={out}"]
     proc = run_app("sample.py", args, tmp_path)
     m = metrics_of(out)
-    assert m["sampler"] == "ddim" and m["num_samples"] == 6 and m["sde"] == "flow" and m["nfe"] >= 5
+    assert m["sampler"] == "ddim" and m["num_samples"] == 6 and m["sde"] == "vp" and m["nfe"] >= 5
     x = torch.load(out / "samples.pt", weights_only=True)
     assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all()
     assert (out / "samples.png").stat().st_size > 100 and (out / "strip.png").is_file()
@@ -182,7 +182,7 @@ def test_mismatched_checkpoint_lists_differing_keys(trained, tmp_path):
             f"hydra.run.dir={tmp_path}"]
     proc = run_app("likelihood.py", args, tmp_path, check=False)
     assert proc.returncode != 0
-    assert "sde._target_: checkpoint='sde.sdes.FlowSDE' requested='sde.sdes.VESDE'" in proc.stderr
+    assert "sde._target_: checkpoint='sde.sdes.VPSDE' requested='sde.sdes.VESDE'" in proc.stderr
     assert "model.net.hidden: checkpoint=32 requested=64" in proc.stderr
     assert not (tmp_path / "metrics.json").exists()
 
@@ -347,7 +347,7 @@ def test_train_resume_last_continues_a_killed_run_exactly(tmp_path):
     # A different config is refused, naming the key; nothing changes in the run.
     proc = run_app("train.py", [*config, f"output_root={runs}", "train.resume=last", "train.lr=0.5"], tmp_path,
                    check=False)
-    assert proc.returncode != 0 and "train.lr: run=0.001 requested=0.5" in proc.stderr
+    assert proc.returncode != 0 and "train.lr: run=0.004 requested=0.5" in proc.stderr
     run_app("train.py", [*config, f"output_root={runs}", "train.resume=last"], tmp_path)
     assert [p.name for p in (runs / "train" / "digits").iterdir()] == [killed.name]  # no new folder
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)

@@ -88,6 +88,7 @@ def test_presets_follow_the_paper_hyperparameters(preset, sde, embedding, ema):
     assert (net.in_channels, net.image_size) == (3, 32)
     assert (tc.batch_size, tc.warmup_steps, tc.grad_clip, tc.ema_decay) == (128, 5000, 1.0, ema)
     assert (tc.lr, tc.weight_decay, tc.total_steps) == (2e-4, 0.0, 1300000)
+    assert tc.lr_decay == "constant" and cfg.loss.time_sampling == "iid"  # not the digits main job's cosine / VDM times
     assert cfg.loss.weighting == ("likelihood" if "likelihood" in preset else "sigma2")
     if sde == "VESDE":
         assert (cfg.sde.sigma_min, cfg.sde.sigma_max) == (0.01, 50.0)

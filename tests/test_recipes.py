@@ -34,16 +34,17 @@ def _lam_range(sde, eps=EPS):
     return float(l_T), float(l_eps)
 
 
-def _stated_weight(name, sde, lam, eps=EPS):
-    """w(lambda) of docs/recipes.md, written out independently of sde/losses.py."""
+def _stated_weight(name, sde, lam, eps=EPS, shift=0.0):
+    """w(lambda) of docs/recipes.md, written out independently of sde/losses.py (``shift``: the cosine density's
+    log-SNR shift s of eps and v, p = sech((lambda - s) / 2) / (2 pi) truncated)."""
     lo, hi = _lam_range(sde, eps)
     t = sde.t_from_log_snr(lam).clamp(eps, sde.T)
     s, g2 = sde.sigma(t), sde.diffusion(t) ** 2
     uniform_t = s**2 / (g2 * (sde.T - eps))  # p(lambda) of t ~ U(eps, T): dt/dlambda = -sigma^2 / g^2
     normal = torch.distributions.Normal(2.4, 2.4)
     edm_p = normal.log_prob(lam).exp() / (normal.cdf(torch.tensor(hi)) - normal.cdf(torch.tensor(lo)))
-    sech = 1 / torch.cosh(lam / 2)
-    cos_mass = (math.atan(math.exp(-lo / 2)) - math.atan(math.exp(-hi / 2))) * 4
+    sech = 1 / torch.cosh((lam - shift) / 2)
+    cos_mass = (math.atan(math.exp(-(lo - shift) / 2)) - math.atan(math.exp(-(hi - shift) / 2))) * 4
     snr = torch.exp(lam)
     return {
         "sigma2": uniform_t,
@@ -64,10 +65,10 @@ def _eps_error(sde, lam, k):
     return ((1 - k * s**2 / v) ** 2 + k**2 * s**2 * a**2 * STD**2 / v**2).mean(1)
 
 
-def _quadrature(name, sde, k, n=200001):
+def _quadrature(name, sde, k, n=200001, shift=0.0):
     lo, hi = _lam_range(sde)
     lam = torch.linspace(lo, hi, n, dtype=F64)
-    return torch.trapezoid(_stated_weight(name, sde, lam) * _eps_error(sde, lam, k), lam).item()
+    return torch.trapezoid(_stated_weight(name, sde, lam, shift=shift) * _eps_error(sde, lam, k), lam).item()
 
 
 @pytest.mark.parametrize("sde_name", sorted(SDES))
@@ -101,6 +102,34 @@ def test_expected_loss_is_the_stated_integral(name, sde_name, k):
     mc, se = vals.mean().item(), vals.std().item() / math.sqrt(len(vals))
     quad = _quadrature(name, sde, k)
     assert abs(mc - quad) < 4 * se + 1e-4 * abs(quad), (mc, se, quad)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "flow"])
+@pytest.mark.parametrize("name", ["eps", "v"])
+@pytest.mark.parametrize("shift", [-1.5, 3.0])
+def test_shifted_cosine_density(name, sde_name, shift):
+    """The cosine density moved by ``shift`` in log-SNR (Hoogeboom et al. 2023): the stated w, a unit mass, draws
+    whose mean log-SNR is the density's, and the Monte Carlo loss equal to the quadrature of w e."""
+    sde, gm = SDES[sde_name], _gaussian()
+    recipe = get_weighting(name, shift=shift)
+    lo, hi = _lam_range(sde)
+    lam = torch.linspace(lo + 1e-6, hi - 1e-6, 257, dtype=F64)
+    torch.testing.assert_close(recipe.weight(sde, lam, EPS), _stated_weight(name, sde, lam, shift=shift),
+                               rtol=1e-5, atol=0)
+    dense = torch.linspace(lo, hi, 200001, dtype=F64)
+    p = recipe.density.pdf(sde, dense, EPS)
+    assert abs(torch.trapezoid(p, dense).item() - 1) < 1e-4
+    t, _ = recipe.sample(sde, 100000, eps=EPS, generator=torch.Generator().manual_seed(1), dtype=F64)
+    drawn = sde.log_snr(t)
+    assert abs(drawn.mean().item() - torch.trapezoid(p * dense, dense).item()) < 4 * drawn.std().item() / 100000**0.5
+    exact = gm.score_fn(sde)
+    g = torch.Generator().manual_seed(11)
+    vals = torch.stack([dsm_loss(lambda x, t: 0.8 * exact(x, t), sde, gm.sample(20000, g), weighting=recipe,
+                                 eps=EPS, generator=g) for _ in range(8)])
+    mc, se = vals.mean().item(), vals.std().item() / math.sqrt(len(vals))
+    quad = _quadrature(name, sde, 0.8, shift=shift)
+    assert abs(mc - quad) < 4 * se + 1e-4 * abs(quad), (mc, se, quad)
+    assert abs(quad - _quadrature(name, sde, 0.8)) > 8 * se  # the shift changes the loss (it is not ignored)
 
 
 def test_the_recipes_differ():
@@ -148,6 +177,9 @@ def test_sigma2_and_likelihood_are_the_old_losses(name, old, sde_name):
 def test_get_weighting_parameters():
     assert get_weighting("min_snr", gamma=1.0).gamma == 1.0 and WEIGHTINGS["min_snr"].gamma == 5.0
     assert get_weighting("edm", p_mean=-0.4).p_mean == -0.4
+    assert get_weighting("eps", shift=-2.0).density.shift == -2.0 and WEIGHTINGS["eps"].shift == 0.0  # signed
+    with pytest.raises(ValueError, match="'shift'"):
+        get_weighting("sigma2", shift=1.0)
     with pytest.raises(ValueError, match="'gamma'"):
         get_weighting("edm", gamma=1.0)
     with pytest.raises(ValueError, match="gamma"):
@@ -266,6 +298,23 @@ def test_loss_group_builds_each_recipe_in_train_py(name, monkeypatch):
     expected = get_weighting(name, **{k: v for k, v in cfg.loss.items() if k not in train._LOSS_APP_KEYS})
     assert seen["weighting"] == expected and type(seen["weighting"]) is type(WEIGHTINGS[name])
     assert seen["eps"] == cfg.loss.eps
+
+
+def test_cosine_shift_from_config(monkeypatch):
+    """``loss=eps loss.shift=2`` reaches dsm_loss as the shifted cosine density; the main job's default is s = 1."""
+    from pathlib import Path
+
+    pytest.importorskip("hydra")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    import train  # experiments/train.py
+
+    recipe = train._loss_function(_compose_train(["loss=eps", "loss.shift=2.0"]), object(), num_classes=0)
+    assert recipe.keywords["weighting"] == get_weighting("eps", shift=2.0)
+    assert recipe.keywords["weighting"].density.shift == 2.0
+    default = _compose_train([])  # the main job: loss=eps_shifted on VP with the eps parametrization
+    recipe = train._loss_function(default, object(), num_classes=0)
+    assert recipe.keywords["weighting"] == get_weighting("eps", shift=1.0)
+    assert default.sde._target_.endswith("VPSDE") and default.model.parametrization == "eps"
 
 
 def test_min_snr_gamma_and_flow_sde_from_config():
