@@ -320,7 +320,9 @@ def get_weighting(weighting: str | Weighting, **params: float) -> Weighting:
 
     Args:
         weighting: a key of ``WEIGHTINGS`` or a ``Weighting`` instance.
-        **params: fields of the recipe to change, e.g. ``gamma=1.0`` for min_snr, ``p_mean`` for edm.
+        **params: fields of the recipe to change, e.g. ``gamma=1.0`` for min_snr, ``p_mean`` for edm, ``shift``
+            (the cosine density's log-SNR shift) for eps and v; ``p_mean`` and ``shift`` may be <= 0, the rest
+            must be > 0.
 
     Returns:
         The recipe.
