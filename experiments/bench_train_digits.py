@@ -191,11 +191,12 @@ def _weighting_params(p: argparse.ArgumentParser, items: list[str], runs: list[s
     for item in items:
         key, sep, value = item.partition("=")
         try:
-            out[key] = float(value)
+            number = float(value)
         except ValueError:
-            sep = ""
-        if not (sep and key):
+            number = None
+        if not (sep and key) or number is None:
             p.error(f"--weighting-param must be KEY=NUMBER (e.g. shift=2), got {item!r}")
+        out[key] = number
     for name in runs:
         try:
             get_weighting(RUNS[name][2], **out)

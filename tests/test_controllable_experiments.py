@@ -100,7 +100,7 @@ def test_interpolation_rows_start_and_end_near_the_pair(controls):
 
 def test_classifier_training_and_guidance(conditional, tmp_path):
     clf_dir, out = tmp_path / "clf", tmp_path / "cg"
-    run_app("train_classifier.py", [*FAST, "sde=flow", "train.steps=200", "classifier.hidden=64", "eval.noise_draws=1",
+    run_app("train_classifier.py", [*FAST, "sde=vp", "train.steps=200", "classifier.hidden=64", "eval.noise_draws=1",
                                     f"hydra.run.dir={clf_dir}"], tmp_path)
     m = metrics_of(clf_dir)
     assert m["acc_t0.01"] > 0.5 and m["acc_t0.01"] > m["acc_t1"]  # learns; pure noise is near chance

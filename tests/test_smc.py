@@ -399,7 +399,8 @@ def test_controllable_app_runs_smc_repaint_and_sdedit(tmp_path):
 
     from test_experiments import FAST, TINY_TRAIN, run_app
 
-    run_app("train.py", [*FAST, *TINY_TRAIN, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    flow = ["sde=flow", "loss=flow", "model.parametrization=velocity"]  # T = 0.99, so the t0 check shows whose T
+    run_app("train.py", [*FAST, *TINY_TRAIN, *flow, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     common = [*FAST, "num_images=3", "sampler.options.steps=8", f"score.path={tmp_path / 'run' / 'checkpoint.pt'}"]
     run_app("controllable.py", ["-m", *common, "control=inpaint", "control.method=smc,repaint", "control.steps=10",
                                 "control.particles=3", "control.jump_length=2", "control.resample=2",
