@@ -205,6 +205,9 @@ def test_experiment_presets_are_global_and_override(preset):
     assert cfg.name == preset  # a global-package preset sets top-level keys
     if preset == "toy_moons":
         assert cfg.data.name == "moons" and cfg.model.net.hidden == 128
+    if preset == "digits_mlp":  # the MLP's own recipe and schedule, not the U-Net main job's
+        assert cfg.model.net._target_.endswith("MLP") and cfg.loss.weighting == "sigma2"
+        assert (cfg.train.lr, cfg.train.lr_decay, cfg.train.ema_decay) == (1e-3, "constant", 0.999)
     if preset == "gmm_oracle":
         assert cfg.data.name == "gmm" and cfg.score.kind == "oracle"
 
@@ -295,3 +298,12 @@ def test_diffusers_score_refuses_sde_and_model_overrides_it_would_ignore():
     cfg = _compose("sample", ["score=diffusers", "score.path=/nonexistent"], hydra_node=False)
     with pytest.raises(ValueError, match=r"score=diffusers .*\['sde'\] would be ignored"):
         score_source(cfg, ["score=diffusers", "sde=ve"], torch.device("cpu"), torch.float32)
+
+
+def test_study_and_mlp_preset_keep_the_mlp_schedule():
+    """The MLP runs (study.py, experiment=digits_mlp) keep plain DSM at a constant rate: the U-Net main job's
+    recipe and schedule cost the MLP 0.5 bits/dim (docs/benchmarks.md, "Training")."""
+    for cfg in (_compose("study", []), _compose("train", ["experiment=digits_mlp"])):
+        tc = cfg.train
+        assert (tc.lr, tc.lr_decay, tc.ema_decay, tc.batch_size, tc.warmup_steps) == (1e-3, "constant", 0.999, 128, 100)
+        assert (cfg.loss.weighting, cfg.loss.time_sampling) == ("sigma2", "iid") and "MLP" in cfg.model.net._target_
