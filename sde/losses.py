@@ -259,8 +259,8 @@ class EDM(Weighting):
 
 
 @dataclasses.dataclass(frozen=True)
-class EpsMSE(_PlainEpsMSE):
-    """|| eps_hat - z ||^2 with the cosine schedule's log-SNR density (Ho et al. 2020; Nichol & Dhariwal 2021)."""
+class _ShiftedCosine(Weighting):
+    """A recipe whose density is the cosine log-SNR density moved by ``shift`` (eps and v)."""
 
     shift: float = 0.0  # log-SNR shift of the cosine density (CosineLogSNR.shift; 0 = Nichol & Dhariwal's)
 
@@ -270,14 +270,13 @@ class EpsMSE(_PlainEpsMSE):
 
 
 @dataclasses.dataclass(frozen=True)
-class VPrediction(Weighting):
+class EpsMSE(_PlainEpsMSE, _ShiftedCosine):
+    """|| eps_hat - z ||^2 with the cosine schedule's log-SNR density (Ho et al. 2020; Nichol & Dhariwal 2021)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VPrediction(_ShiftedCosine):
     """|| v_hat - v ||^2, v = alpha z - sigma x0 (VP scaling), cosine density (Salimans & Ho 2022)."""
-
-    shift: float = 0.0  # log-SNR shift of the cosine density (CosineLogSNR.shift; "simple diffusion" shifts it)
-
-    @property
-    def density(self) -> TimeDensity:
-        return CosineLogSNR(self.shift)
 
     def ratio(self, sde: SDE, t: Tensor, eps: float) -> Tensor:
         return 1.0 + torch.exp(-sde.log_snr(t))
